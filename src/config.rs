@@ -1,0 +1,256 @@
+//! Command-line and environment configuration: every flag, its `RESNET_*` variable and default.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// The weights path used when `--weights` is not given.
+pub const DEFAULT_WEIGHTS: &str = "weights/resnet56.safetensors";
+
+/// resnet-serve: classify images with a CIFAR ResNet over HTTP.
+#[derive(Debug, Parser)]
+#[command(
+    name = "resnet-serve",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Options of `serve`, which also runs when no subcommand is given.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+impl Cli {
+    /// The subcommand to run, `serve` when none was named.
+    pub fn into_command(self) -> Command {
+        self.command.unwrap_or(Command::Serve(self.serve))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API (the default).
+    Serve(ServeArgs),
+    /// Convert a PyTorch checkpoint (.pth/.pt/.th) into a resnet-serve safetensors file.
+    Convert(ConvertArgs),
+    /// Download the default pretrained ResNet56, verify its sha256 and convert it.
+    FetchWeights(FetchArgs),
+    /// Top-1 accuracy (and agreement with reference logits) on a labelled image set.
+    Eval(EvalArgs),
+    /// Forward-pass throughput on preprocessed tensors, one JSON line per batch size.
+    Bench(BenchArgs),
+}
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// CUDA when built with it and a GPU is present, else CPU.
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("expected auto, cpu, cuda or cuda:N, got {other:?}")),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Which implementation of the forward pass runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineChoice {
+    /// The fused CPU kernels on CPU, candle-nn on CUDA.
+    Auto,
+    /// Batch-norm-folded, channels-last, fused SIMD kernels (CPU only).
+    Fast,
+    /// The plain candle-nn layers: the reference implementation, and the CUDA path.
+    Candle,
+}
+
+/// SIMD instruction set for the fast CPU kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SimdChoice {
+    /// The best the CPU supports, detected at run time.
+    Auto,
+    Avx512,
+    Avx2,
+    /// Portable scalar code, correct everywhere.
+    Scalar,
+}
+
+/// How to build the model: shared by every subcommand that runs it.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Weights file (safetensors, the schema in weights/README.md).
+    #[arg(long, env = "RESNET_WEIGHTS", default_value = DEFAULT_WEIGHTS)]
+    pub weights: PathBuf,
+
+    /// Device: auto, cpu, cuda or cuda:N (auto = CUDA when built with it and present).
+    #[arg(long, env = "RESNET_DEVICE", default_value = "auto")]
+    pub device: DeviceChoice,
+
+    /// Forward-pass implementation.
+    #[arg(long, env = "RESNET_ENGINE", value_enum, default_value_t = EngineChoice::Auto)]
+    pub engine: EngineChoice,
+
+    /// SIMD level of the fast CPU engine.
+    #[arg(long, env = "RESNET_SIMD", value_enum, default_value_t = SimdChoice::Auto)]
+    pub simd: SimdChoice,
+
+    /// Threads for the fast CPU engine (0 = one per available core).
+    #[arg(long, env = "RESNET_THREADS", default_value_t = 0)]
+    pub threads: usize,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// Address to listen on.
+    #[arg(long, env = "RESNET_HOST", default_value = "0.0.0.0")]
+    pub host: IpAddr,
+
+    /// Port to listen on.
+    #[arg(long, env = "RESNET_PORT", default_value_t = 8080)]
+    pub port: u16,
+
+    /// Most images in one forward pass.
+    #[arg(long, env = "RESNET_MAX_BATCH_SIZE", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_batch_size: u32,
+
+    /// How long the batcher waits for more images after the first one of a batch.
+    #[arg(long, env = "RESNET_MAX_BATCH_DELAY_MS", default_value_t = 2)]
+    pub max_batch_delay_ms: u64,
+
+    /// Images that may wait in the queue; beyond that requests get 429.
+    #[arg(long, env = "RESNET_QUEUE_CAPACITY", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub queue_capacity: u32,
+
+    /// Deadline for a request from arrival to answer; past it while queued: 504.
+    #[arg(long, env = "RESNET_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
+    pub request_timeout_ms: u64,
+
+    /// Largest accepted request body.
+    #[arg(long, env = "RESNET_MAX_BODY_BYTES", default_value_t = 20 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Largest image (width x height, as its header declares) that is decoded.
+    #[arg(long, env = "RESNET_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
+    pub max_image_pixels: u64,
+
+    /// Log format.
+    #[arg(long, env = "RESNET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Never download weights: fail when the weights file is missing.
+    #[arg(long, env = "RESNET_OFFLINE")]
+    pub offline: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ConvertArgs {
+    /// PyTorch checkpoint: zip (torch.save >= 1.6) or legacy format.
+    pub input: PathBuf,
+    /// Output safetensors file.
+    pub output: PathBuf,
+    /// Training normalisation mean, three comma-separated floats.
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    pub mean: Option<Vec<f32>>,
+    /// Training normalisation std, three comma-separated floats.
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    pub std: Option<Vec<f32>>,
+    /// Class labels, comma-separated, one per class.
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Option<Vec<String>>,
+    /// Model name shown by the API.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Normalisation preset: `imagenet` (mean 0.485,0.456,0.406 / std 0.229,0.224,0.225, what the
+    /// public 2018 CIFAR ResNet checkpoints were trained with) or `notebook` (0.491,0.482,0.447 /
+    /// 0.247,0.243,0.262). --mean/--std override it.
+    #[arg(long)]
+    pub preset: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FetchArgs {
+    /// Where to download the checkpoint from.
+    #[arg(long, env = "RESNET_WEIGHTS_URL", default_value = crate::model::fetch::DEFAULT_URL)]
+    pub url: String,
+    /// Expected sha256 of the download (hex).
+    #[arg(long, default_value = crate::model::fetch::DEFAULT_SHA256)]
+    pub sha256: String,
+    /// Output safetensors file.
+    #[arg(long, default_value = DEFAULT_WEIGHTS)]
+    pub output: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Labelled images: safetensors with `images` u8 [N,3,32,32] and `labels` i64 [N].
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Reference logits (safetensors) to compare against.
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
+    /// Tensor in --reference holding [N,classes] logits.
+    #[arg(long, default_value = "logits")]
+    pub reference_key: String,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Batch sizes to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    pub batch_sizes: Vec<usize>,
+    /// Measured seconds per batch size (after warm-up).
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Print JSON lines (the default output is JSON lines too; kept for symmetry with eval).
+    #[arg(long)]
+    pub json: bool,
+}

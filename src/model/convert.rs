@@ -1,0 +1,1 @@
+//! `convert`: PyTorch checkpoints (zip and legacy formats) to resnet-serve safetensors files.

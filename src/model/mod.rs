@@ -1,0 +1,152 @@
+//! The model: architecture spec, weights loading and conversion, and the forward-pass engines
+//! behind one [`Model`] type that the batcher, `eval` and `bench` all use.
+
+pub mod candle;
+pub mod convert;
+pub mod fetch;
+pub mod spec;
+pub mod weights;
+
+use candle_core::{Device, Module, Tensor};
+
+use crate::config::{DeviceChoice, EngineChoice, ModelArgs};
+pub use spec::{ModelSpec, Shortcut, INPUT_CHANNELS, INPUT_SIZE};
+pub use weights::{Checkpoint, ModelMetadata, WeightsError};
+
+/// Floats in one preprocessed image, `[3, 32, 32]`.
+pub const IMAGE_FLOATS: usize = INPUT_CHANNELS * INPUT_SIZE * INPUT_SIZE;
+
+/// Why a model could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error("device {device}: {reason}")]
+    Device {
+        device: DeviceChoice,
+        reason: String,
+    },
+    #[error("engine {engine:?} cannot run on {device}: {reason}")]
+    Engine {
+        engine: EngineChoice,
+        device: String,
+        reason: String,
+    },
+    #[error("building the model: {0}")]
+    Build(#[from] candle_core::Error),
+}
+
+/// Which forward-pass implementation a [`Model`] runs.
+#[derive(Debug)]
+enum Engine {
+    Candle(candle::CandleResNet),
+}
+
+/// A loaded, ready-to-run classifier.
+#[derive(Debug)]
+pub struct Model {
+    pub spec: ModelSpec,
+    pub metadata: ModelMetadata,
+    device: Device,
+    engine: Engine,
+}
+
+/// Resolves `--device` to a candle device.
+pub fn select_device(choice: DeviceChoice) -> Result<Device, ModelError> {
+    let fail = |reason: String| ModelError::Device {
+        device: choice,
+        reason,
+    };
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Auto if candle_core::utils::cuda_is_available() => Device::new_cuda(0)
+            .or_else(|e| {
+                tracing::warn!(error = %e, "CUDA is compiled in but unusable; falling back to CPU");
+                Ok(Device::Cpu)
+            }),
+        DeviceChoice::Auto => Ok(Device::Cpu),
+        DeviceChoice::Cuda(ordinal) => {
+            if !candle_core::utils::cuda_is_available() {
+                return Err(fail(
+                    "this binary was built without CUDA support (rebuild with --features cuda,cudnn)".into(),
+                ));
+            }
+            Device::new_cuda(ordinal).map_err(|e| fail(e.to_string()))
+        }
+    }
+}
+
+/// A short, stable name for a device: `cpu` or `cuda:N`.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+impl Model {
+    /// Loads the weights file and builds the engine the arguments ask for.
+    pub fn load(args: &ModelArgs) -> Result<Self, ModelError> {
+        let checkpoint = Checkpoint::load(&args.weights)?;
+        Self::from_checkpoint(checkpoint, args)
+    }
+
+    /// Builds the engine the arguments ask for from already loaded weights.
+    pub fn from_checkpoint(checkpoint: Checkpoint, args: &ModelArgs) -> Result<Self, ModelError> {
+        let device = select_device(args.device)?;
+        let Checkpoint {
+            spec,
+            metadata,
+            tensors,
+        } = checkpoint;
+        let engine = match args.engine {
+            EngineChoice::Auto | EngineChoice::Candle | EngineChoice::Fast => Engine::Candle(
+                candle::CandleResNet::from_tensors(&spec, &tensors, &device)?,
+            ),
+        };
+        Ok(Self {
+            spec,
+            metadata,
+            device,
+            engine,
+        })
+    }
+
+    /// The device the forward pass runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The engine's name, as shown by `/v1/model`, `bench` and the metrics.
+    pub fn engine_name(&self) -> String {
+        match &self.engine {
+            Engine::Candle(_) => "candle".into(),
+        }
+    }
+
+    /// `[N, 3, 32, 32]` normalised images (any device) to `[N, classes]` logits on the model's device.
+    pub fn forward(&self, images: &Tensor) -> candle_core::Result<Tensor> {
+        let images = images.to_device(&self.device)?;
+        match &self.engine {
+            Engine::Candle(net) => net.forward(&images),
+        }
+    }
+
+    /// Logits for `n` normalised images laid out as `n * [3, 32, 32]` floats: `n * classes` floats.
+    pub fn logits(&self, images: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
+        if images.len() != n * IMAGE_FLOATS {
+            candle_core::bail!(
+                "expected {} floats for {n} images, got {}",
+                n * IMAGE_FLOATS,
+                images.len()
+            );
+        }
+        let input = Tensor::from_slice(
+            images,
+            (n, INPUT_CHANNELS, INPUT_SIZE, INPUT_SIZE),
+            &self.device,
+        )?;
+        self.forward(&input)?.flatten_all()?.to_vec1()
+    }
+}

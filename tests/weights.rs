@@ -205,7 +205,10 @@ fn cli_reports_broken_weights_with_nonzero_exit() {
     let pth = common::shared_file("models/resnet56-seed-random.pth").unwrap();
     for (weights, expect) in [
         (truncated.as_path(), "not a valid safetensors file"),
-        (wrong_shape.as_path(), "fc.bias"),
+        (
+            wrong_shape.as_path(),
+            "fc.weight has shape [64, 10], expected [classes, 64]",
+        ),
         (pth.as_path(), "not a valid safetensors file"),
         (
             Path::new("/nonexistent/w.safetensors"),

@@ -84,7 +84,7 @@ pub enum WeightsError {
         path: PathBuf,
         name: String,
         #[source]
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
 }
 
@@ -208,7 +208,7 @@ fn view_to_f32(
     let tensor_err = |source| WeightsError::Tensor {
         path: path.to_path_buf(),
         name: name.to_string(),
-        source,
+        source: Box::new(source),
     };
     Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
         .and_then(|t| t.to_dtype(DType::F32))
@@ -268,21 +268,19 @@ fn infer_spec(
             ))
         }
     };
+    let features = super::spec::STAGE_CHANNELS[2];
     let num_classes = match shapes.get("fc.weight").map(Vec::as_slice) {
-        Some([classes, _]) if *classes > 0 => *classes,
+        Some([classes, f]) if *classes > 0 && *f == features => *classes,
         Some(other) => {
-            return Err(WeightsError::WrongShape {
-                path: path.to_path_buf(),
-                name: "fc.weight".into(),
-                expected: vec![0, super::spec::STAGE_CHANNELS[2]],
-                found: other.to_vec(),
-            })
+            return Err(arch(format!(
+                "tensor fc.weight has shape {other:?}, expected [classes, {features}]"
+            )))
         }
         None => {
             return Err(WeightsError::MissingTensor {
                 path: path.to_path_buf(),
                 name: "fc.weight".into(),
-                expected: vec![10, super::spec::STAGE_CHANNELS[2]],
+                expected: vec![10, features],
             })
         }
     };

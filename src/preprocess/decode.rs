@@ -1,0 +1,182 @@
+//! Decoding uploads to 8-bit RGB the way PIL's `Image.open(...).convert("RGB")` does, with the
+//! pixel limit checked against the header before any pixel is decoded.
+
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageFormat, ImageReader, Limits};
+
+use super::PreprocessError;
+
+/// An interleaved 8-bit RGB image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: u32,
+    pub height: u32,
+    /// `height * width * 3` bytes, row-major RGB.
+    pub pixels: Vec<u8>,
+}
+
+/// Formats we decode; anything else is 415.
+const SUPPORTED: [ImageFormat; 6] = [
+    ImageFormat::Png,
+    ImageFormat::Jpeg,
+    ImageFormat::Gif,
+    ImageFormat::Bmp,
+    ImageFormat::WebP,
+    ImageFormat::Tiff,
+];
+
+/// A reader over an upload whose format has been recognised as one we decode.
+type FormatReader<'a> = (ImageReader<Cursor<&'a [u8]>>, ImageFormat);
+
+fn reader(bytes: &[u8]) -> Result<FormatReader<'_>, PreprocessError> {
+    if bytes.is_empty() {
+        return Err(PreprocessError::Empty);
+    }
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| PreprocessError::Decode(e.to_string()))?;
+    match reader.format() {
+        Some(format) if SUPPORTED.contains(&format) => Ok((reader, format)),
+        Some(format) => Err(PreprocessError::UnsupportedFormat(format!(
+            "{format:?} is not decoded (PNG, JPEG, GIF, BMP, WebP and TIFF are)"
+        ))),
+        None => Err(PreprocessError::UnsupportedFormat(
+            "not a recognised image (PNG, JPEG, GIF, BMP, WebP or TIFF)".into(),
+        )),
+    }
+}
+
+/// The width and height the image's header declares, reading nothing else.
+pub fn declared_dimensions(bytes: &[u8]) -> Result<(u32, u32), PreprocessError> {
+    let (reader, format) = reader(bytes)?;
+    reader
+        .into_dimensions()
+        .map_err(|e| PreprocessError::Decode(format!("{format:?} header: {e}")))
+}
+
+/// Decodes `bytes` to 8-bit RGB as PIL's `.convert("RGB")` does, refusing images whose header
+/// declares more than `max_pixels` pixels before decoding any of them.
+pub fn decode_rgb8(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, PreprocessError> {
+    let (width, height) = declared_dimensions(bytes)?;
+    if u64::from(width) * u64::from(height) > max_pixels {
+        return Err(PreprocessError::TooManyPixels {
+            width,
+            height,
+            limit: max_pixels,
+        });
+    }
+    if width == 0 || height == 0 {
+        return Err(PreprocessError::Decode(format!(
+            "the image declares {width}x{height} pixels"
+        )));
+    }
+    let (mut reader, format) = reader(bytes)?;
+    // A second guard for decoders whose frames can be larger than the header says (GIF, TIFF):
+    // never allocate more than the allowed pixels at 16-bit RGBA, plus slack for decoder state.
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
+    reader.limits(limits);
+    let image = reader
+        .decode()
+        .map_err(|e| PreprocessError::Decode(format!("{format:?}: {e}")))?;
+    Ok(to_rgb8_like_pil(image))
+}
+
+/// PIL's conversions to RGB: alpha is dropped (not composited); 16-bit RGB keeps the high byte
+/// (Pillow unpacks "RGB;16B"); 16-bit grayscale is clipped to 255 (Pillow's I;16 -> RGB clips,
+/// it does not rescale).
+fn to_rgb8_like_pil(image: DynamicImage) -> RgbImage {
+    let (width, height) = (image.width(), image.height());
+    let pixels = match image {
+        DynamicImage::ImageRgb8(buf) => buf.into_raw(),
+        DynamicImage::ImageRgba8(buf) => buf.pixels().flat_map(|p| [p[0], p[1], p[2]]).collect(),
+        DynamicImage::ImageLuma8(buf) => buf.pixels().flat_map(|p| [p[0]; 3]).collect(),
+        DynamicImage::ImageLumaA8(buf) => buf.pixels().flat_map(|p| [p[0]; 3]).collect(),
+        DynamicImage::ImageLuma16(buf) => buf
+            .pixels()
+            .flat_map(|p| [p[0].min(255) as u8; 3])
+            .collect(),
+        DynamicImage::ImageLumaA16(buf) => {
+            buf.pixels().flat_map(|p| [(p[0] >> 8) as u8; 3]).collect()
+        }
+        DynamicImage::ImageRgb16(buf) => buf
+            .pixels()
+            .flat_map(|p| p.0.map(|v| (v >> 8) as u8))
+            .collect(),
+        DynamicImage::ImageRgba16(buf) => buf
+            .pixels()
+            .flat_map(|p| [p[0], p[1], p[2]].map(|v| (v >> 8) as u8))
+            .collect(),
+        other => other.to_rgb8().into_raw(),
+    };
+    RgbImage {
+        width,
+        height,
+        pixels,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{ImageBuffer, Luma, Rgb, Rgba};
+
+    fn png(image: DynamicImage) -> Vec<u8> {
+        let mut out = Vec::new();
+        image
+            .write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn alpha_is_dropped_not_composited() {
+        let img = ImageBuffer::from_pixel(2, 2, Rgba([200u8, 100, 50, 0]));
+        let rgb = decode_rgb8(&png(DynamicImage::ImageRgba8(img)), 100).unwrap();
+        assert_eq!(&rgb.pixels[..3], &[200, 100, 50]);
+    }
+
+    #[test]
+    fn sixteen_bit_follows_pil() {
+        let rgb16 = ImageBuffer::from_pixel(1, 1, Rgb([0x12ffu16, 0xff00, 0x0080]));
+        let rgb = decode_rgb8(&png(DynamicImage::ImageRgb16(rgb16)), 100).unwrap();
+        assert_eq!(rgb.pixels, vec![0x12, 0xff, 0x00]);
+        let gray16 = ImageBuffer::from_fn(2, 1, |x, _| Luma([if x == 0 { 100u16 } else { 1000 }]));
+        let rgb = decode_rgb8(&png(DynamicImage::ImageLuma16(gray16)), 100).unwrap();
+        assert_eq!(rgb.pixels, vec![100, 100, 100, 255, 255, 255]);
+    }
+
+    #[test]
+    fn pixel_limit_is_checked_before_decoding() {
+        let img = DynamicImage::ImageRgb8(ImageBuffer::from_pixel(10, 10, Rgb([1u8, 2, 3])));
+        let err = decode_rgb8(&png(img), 99).unwrap_err();
+        assert_eq!(
+            err,
+            PreprocessError::TooManyPixels {
+                width: 10,
+                height: 10,
+                limit: 99
+            }
+        );
+    }
+
+    #[test]
+    fn text_is_unsupported_and_garbage_png_is_invalid() {
+        assert!(matches!(
+            decode_rgb8(b"hello, world", 100),
+            Err(PreprocessError::UnsupportedFormat(_))
+        ));
+        let mut bad = png(DynamicImage::ImageRgb8(ImageBuffer::from_pixel(
+            4,
+            4,
+            Rgb([1u8, 2, 3]),
+        )));
+        let len = bad.len();
+        bad[len - 20..].fill(0xAB);
+        assert!(matches!(
+            decode_rgb8(&bad, 100),
+            Err(PreprocessError::Decode(_))
+        ));
+    }
+}

@@ -1,0 +1,99 @@
+//! Image bytes to model input, exactly as torchvision does on PIL images:
+//! decode, `.convert("RGB")`, `Resize(32)` (bilinear, antialiased, rounded to uint8),
+//! `CenterCrop(32)`, `ToTensor()`, `Normalize(mean, std)`.
+
+mod decode;
+mod resample;
+
+pub use decode::{declared_dimensions, decode_rgb8, RgbImage};
+pub use resample::resize_shorter_and_center_crop;
+
+use crate::model::{INPUT_CHANNELS, INPUT_SIZE};
+
+/// Floats in one preprocessed image, `[3, 32, 32]`.
+const OUTPUT_FLOATS: usize = INPUT_CHANNELS * INPUT_SIZE * INPUT_SIZE;
+
+/// Why an upload cannot become model input. The HTTP layer maps each to a status code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PreprocessError {
+    #[error("the image is empty (0 bytes)")]
+    Empty,
+    #[error("unsupported image format: {0}")]
+    UnsupportedFormat(String),
+    #[error("image of {width}x{height} pixels exceeds the limit of {limit} pixels")]
+    TooManyPixels { width: u32, height: u32, limit: u64 },
+    #[error("the image could not be decoded: {0}")]
+    Decode(String),
+}
+
+/// Decodes `bytes` and returns the `[3, 32, 32]` normalised CHW floats torchvision would produce.
+/// Images whose header declares more than `max_pixels` are refused before any pixel is decoded.
+pub fn preprocess(
+    bytes: &[u8],
+    mean: &[f32; 3],
+    std: &[f32; 3],
+    max_pixels: u64,
+) -> Result<Vec<f32>, PreprocessError> {
+    let image = decode_rgb8(bytes, max_pixels)?;
+    let cropped = resize_shorter_and_center_crop(&image, INPUT_SIZE as u32);
+    let mut out = Vec::with_capacity(OUTPUT_FLOATS);
+    normalize_hwc(&cropped.pixels, mean, std, &mut out);
+    Ok(out)
+}
+
+/// `ToTensor()` then `Normalize(mean, std)` of an interleaved RGB (HWC) u8 image into CHW
+/// floats appended to `out`, computed in f32 in torchvision's order so the floats match.
+pub fn normalize_hwc(rgb: &[u8], mean: &[f32; 3], std: &[f32; 3], out: &mut Vec<f32>) {
+    out.reserve(rgb.len());
+    for c in 0..3 {
+        out.extend(
+            rgb.iter()
+                .skip(c)
+                .step_by(3)
+                .map(|&v| normalize(v, mean[c], std[c])),
+        );
+    }
+}
+
+/// `ToTensor()` then `Normalize(mean, std)` of a planar RGB (CHW) u8 image, appended to `out`.
+pub fn normalize_chw(pixels: &[u8], mean: &[f32; 3], std: &[f32; 3], out: &mut Vec<f32>) {
+    let plane = pixels.len() / 3;
+    out.reserve(pixels.len());
+    for (c, channel) in pixels.chunks_exact(plane.max(1)).take(3).enumerate() {
+        out.extend(channel.iter().map(|&v| normalize(v, mean[c], std[c])));
+    }
+}
+
+/// torchvision: `to_tensor` divides by 255 in float32, `normalize` does `sub_(mean).div_(std)`.
+#[inline]
+fn normalize(v: u8, mean: f32, std: f32) -> f32 {
+    (v as f32 / 255.0 - mean) / std
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hwc_and_chw_normalisation_agree() {
+        let hwc: Vec<u8> = (0..12).map(|v| v * 20).collect(); // 2x2 RGB
+        let chw: Vec<u8> = (0..3)
+            .flat_map(|c| hwc.iter().skip(c).step_by(3).copied().collect::<Vec<_>>())
+            .collect();
+        let (mean, std) = ([0.5, 0.4, 0.3], [0.2, 0.25, 0.3]);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        normalize_hwc(&hwc, &mean, &std, &mut a);
+        normalize_chw(&chw, &mean, &std, &mut b);
+        assert_eq!(a, b);
+        assert_eq!(a[0], (0.0 - 0.5) / 0.2);
+        assert_eq!(a[4], (20.0 / 255.0 - 0.4) / 0.25); // first green value
+    }
+
+    #[test]
+    fn empty_input_is_its_own_error() {
+        assert_eq!(
+            preprocess(&[], &[0.0; 3], &[1.0; 3], 1000),
+            Err(PreprocessError::Empty)
+        );
+    }
+}

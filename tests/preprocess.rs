@@ -62,3 +62,39 @@ fn every_reference_image_matches_torchvision() {
         "outside torchvision tolerance: {failures:#?}"
     );
 }
+
+/// Decoder coverage beyond the shared references: CMYK and progressive grayscale JPEG, an
+/// animated GIF (first frame), a 16-bit RGB PNG. Fixtures and PIL's output for them are made by
+/// `tests/fixtures/make_fixtures.py`.
+#[test]
+fn decoder_fixtures_match_pil() {
+    use resnet_serve::preprocess::{decode_rgb8, resize_shorter_and_center_crop};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for name in [
+        "cmyk-40x24.jpg",
+        "gray-progressive-50x30.jpg",
+        "animated-36x36.gif",
+        "rgb16-33x45.png",
+    ] {
+        let bytes = std::fs::read(dir.join(name)).unwrap();
+        let want = std::fs::read(dir.join(format!("{name}.expected.rgb"))).unwrap();
+        let image = decode_rgb8(&bytes, 1 << 20).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let got = resize_shorter_and_center_crop(&image, 32).pixels;
+        assert_eq!(got.len(), want.len(), "{name}");
+        // Compare in normalised units with the smallest std in use, as the contract's tolerances are.
+        let scale = 1.0 / 255.0 / IMAGENET_STD[2];
+        let diffs: Vec<f32> = got
+            .iter()
+            .zip(&want)
+            .map(|(&a, &b)| (a as f32 - b as f32).abs() * scale)
+            .collect();
+        let max = diffs.iter().cloned().fold(0.0, f32::max);
+        let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+        eprintln!("{name}: max |diff| {max:.5}, mean |diff| {mean:.6}");
+        if name.ends_with(".jpg") {
+            assert!(mean <= 0.01 && max <= 0.1, "{name}: max {max}, mean {mean}");
+        } else {
+            assert_eq!(got, want, "{name}: lossless input must match PIL exactly");
+        }
+    }
+}

@@ -220,13 +220,15 @@ pub struct ConvertArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct FetchArgs {
-    /// Where to download the checkpoint from.
+    /// Where to download the checkpoint from. It is converted with the imagenet normalisation
+    /// and the name resnet56, as the default checkpoint needs; convert other checkpoints with
+    /// `convert`.
     #[arg(long, env = "RESNET_WEIGHTS_URL", default_value = crate::model::fetch::DEFAULT_URL)]
     pub url: String,
     /// Expected sha256 of the download (hex).
     #[arg(long, default_value = crate::model::fetch::DEFAULT_SHA256)]
     pub sha256: String,
-    /// Output safetensors file.
+    /// Output safetensors file (written atomically; parent directories are created).
     #[arg(long, default_value = DEFAULT_WEIGHTS)]
     pub output: PathBuf,
 }

@@ -182,39 +182,53 @@ pub struct ServeArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "Normalisation: the mean/std stored in the file must be the ones the model \
+was trained with, or accuracy drops quietly. --mean/--std store given values; --preset stores a \
+named pair. With neither, a paper-style checkpoint (layer*/linear names and zero-pad shortcut, \
+like the public 2018 CIFAR ResNets) gets the imagenet preset, with a warning; any other gets \
+the notebook preset."
+)]
 pub struct ConvertArgs {
-    /// PyTorch checkpoint: zip (torch.save >= 1.6) or legacy format.
+    /// PyTorch checkpoint: zip (torch.save >= 1.6) or legacy format; a state dict or
+    /// {"state_dict": ...}, `module.` prefix and layer*/linear names accepted.
     pub input: PathBuf,
-    /// Output safetensors file.
+    /// Output safetensors file (written atomically; parent directories are created).
     pub output: PathBuf,
-    /// Training normalisation mean, three comma-separated floats.
-    #[arg(long, value_delimiter = ',', num_args = 3)]
+    /// Training normalisation mean, three comma-separated floats (needs --std).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        num_args = 1,
+        requires = "std",
+        allow_negative_numbers = true
+    )]
     pub mean: Option<Vec<f32>>,
-    /// Training normalisation std, three comma-separated floats.
-    #[arg(long, value_delimiter = ',', num_args = 3)]
+    /// Training normalisation std, three comma-separated floats (needs --mean).
+    #[arg(long, value_delimiter = ',', num_args = 1, requires = "mean")]
     pub std: Option<Vec<f32>>,
-    /// Class labels, comma-separated, one per class.
+    /// Class labels, comma-separated, one per class (default: the CIFAR-10 names for 10 classes).
     #[arg(long, value_delimiter = ',')]
     pub labels: Option<Vec<String>>,
-    /// Model name shown by the API.
+    /// Model name shown by the API (default: resnet{depth}).
     #[arg(long)]
     pub name: Option<String>,
-    /// Normalisation preset: `imagenet` (mean 0.485,0.456,0.406 / std 0.229,0.224,0.225, what the
-    /// public 2018 CIFAR ResNet checkpoints were trained with) or `notebook` (0.491,0.482,0.447 /
-    /// 0.247,0.243,0.262). --mean/--std override it.
-    #[arg(long)]
-    pub preset: Option<String>,
+    /// Normalisation preset (default: detected, see below).
+    #[arg(long, value_enum, conflicts_with_all = ["mean", "std"])]
+    pub preset: Option<crate::model::convert::NormalizationPreset>,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct FetchArgs {
-    /// Where to download the checkpoint from.
+    /// Where to download the checkpoint from. It is converted with the imagenet normalisation
+    /// and the name resnet56, as the default checkpoint needs; convert other checkpoints with
+    /// `convert`.
     #[arg(long, env = "RESNET_WEIGHTS_URL", default_value = crate::model::fetch::DEFAULT_URL)]
     pub url: String,
     /// Expected sha256 of the download (hex).
     #[arg(long, default_value = crate::model::fetch::DEFAULT_SHA256)]
     pub sha256: String,
-    /// Output safetensors file.
+    /// Output safetensors file (written atomically; parent directories are created).
     #[arg(long, default_value = DEFAULT_WEIGHTS)]
     pub output: PathBuf,
 }

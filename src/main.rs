@@ -17,9 +17,13 @@ fn main() -> ExitCode {
     let result = match &command {
         Command::Eval(args) => resnet_serve::cli::eval::run(args),
         Command::Bench(args) => resnet_serve::cli::bench::run(args),
-        Command::Serve(_) | Command::Convert(_) | Command::FetchWeights(_) => {
-            Err(anyhow::anyhow!("not available in this build yet"))
-        }
+        Command::Convert(args) => resnet_serve::model::convert::run(args)
+            .map(|_| ())
+            .map_err(Into::into),
+        Command::FetchWeights(args) => resnet_serve::model::fetch::fetch_weights(args)
+            .map(|_| ())
+            .map_err(Into::into),
+        Command::Serve(_) => Err(anyhow::anyhow!("not available in this build yet")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,6 +4,8 @@
 pub mod candle;
 pub mod convert;
 pub mod fetch;
+pub mod pytorch;
+mod pytorch_pickle;
 pub mod spec;
 pub mod weights;
 

@@ -226,10 +226,11 @@ pub struct FetchArgs {
     #[arg(long, env = "RESNET_WEIGHTS_URL", default_value = crate::model::fetch::DEFAULT_URL)]
     pub url: String,
     /// Expected sha256 of the download (hex).
-    #[arg(long, default_value = crate::model::fetch::DEFAULT_SHA256)]
+    #[arg(long, env = "RESNET_WEIGHTS_SHA256", default_value = crate::model::fetch::DEFAULT_SHA256)]
     pub sha256: String,
-    /// Output safetensors file (written atomically; parent directories are created).
-    #[arg(long, default_value = DEFAULT_WEIGHTS)]
+    /// Output safetensors file (written atomically; parent directories are created). Shares
+    /// `RESNET_WEIGHTS` with `serve`, so a fetch writes where the server reads.
+    #[arg(long, env = "RESNET_WEIGHTS", default_value = DEFAULT_WEIGHTS)]
     pub output: PathBuf,
 }
 

@@ -177,7 +177,7 @@ pub struct ServeArgs {
     pub log_format: LogFormat,
 
     /// Never download weights: fail when the weights file is missing.
-    #[arg(long, env = "RESNET_OFFLINE")]
+    #[arg(long, env = "RESNET_OFFLINE", value_parser = clap::builder::BoolishValueParser::new())]
     pub offline: bool,
 }
 
@@ -268,4 +268,31 @@ pub struct BenchArgs {
     /// Print JSON lines (the default output is JSON lines too; kept for symmetry with eval).
     #[arg(long)]
     pub json: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve_args(argv: &[&str]) -> ServeArgs {
+        match Cli::try_parse_from(argv).unwrap().into_command() {
+            Command::Serve(args) => args,
+            other => panic!("expected serve, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn no_subcommand_means_serve_with_defaults() {
+        let args = serve_args(&["resnet-serve", "--port", "9000"]);
+        assert_eq!(args.port, 9000);
+        assert_eq!(args.model.weights, PathBuf::from(DEFAULT_WEIGHTS));
+        assert!(!args.offline);
+    }
+
+    #[test]
+    fn device_choices_parse() {
+        assert_eq!("cuda:1".parse::<DeviceChoice>(), Ok(DeviceChoice::Cuda(1)));
+        assert_eq!("cuda".parse::<DeviceChoice>(), Ok(DeviceChoice::Cuda(0)));
+        assert!("gpu".parse::<DeviceChoice>().is_err());
+    }
 }

@@ -228,3 +228,42 @@ fn cli_reports_broken_weights_with_nonzero_exit() {
         assert!(stderr.contains(expect), "{}: {stderr}", weights.display());
     }
 }
+
+#[test]
+fn other_depths_and_class_counts_load_and_run() {
+    use resnet_serve::config::{DeviceChoice, EngineChoice, ModelArgs, SimdChoice};
+    use resnet_serve::model::Model;
+    let Some(path) = common::shared_file("models/resnet56-seed-random.safetensors") else {
+        return;
+    };
+    // ResNet20 with 100 classes: the first 3 blocks of each stage and a wider classifier.
+    let mut tensors = seed_tensors(&path);
+    tensors.retain(|t| {
+        let block = t.0.split('.').nth(1).and_then(|i| i.parse::<usize>().ok());
+        !t.0.starts_with("block") || block.is_some_and(|i| i < 3)
+    });
+    for t in tensors.iter_mut().filter(|t| t.0.starts_with("fc.")) {
+        t.2[0] = 100;
+        t.3 = t.3.iter().cycle().take(t.3.len() * 10).copied().collect();
+    }
+    let ckpt = load_bytes(&write_safetensors(&tensors, None)).unwrap();
+    assert_eq!((ckpt.spec.depth(), ckpt.spec.num_classes), (20, 100));
+    assert_eq!(ckpt.metadata.labels[99], "class_99");
+    let args = ModelArgs {
+        weights: path.clone(),
+        device: DeviceChoice::Cpu,
+        engine: EngineChoice::Candle,
+        simd: SimdChoice::Auto,
+        threads: 1,
+    };
+    let model = Model::from_checkpoint(ckpt, &args).unwrap();
+    let logits = model.logits(&vec![0.1; 2 * 3 * 32 * 32], 2).unwrap();
+    assert_eq!(logits.len(), 200);
+    assert!(logits.iter().all(|v| v.is_finite()));
+    // Deleting a block from one stage only is a depth mismatch, named as such.
+    tensors.retain(|t| !t.0.starts_with("block2.2."));
+    let msg = load_bytes(&write_safetensors(&tensors, None))
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("block2 has 2"), "{msg}");
+}

@@ -32,7 +32,8 @@ VAR_TOKEN = re.compile(r"\bRESNET_[A-Z0-9_]+\b")
 VAR_ASSIGNMENT = re.compile(r"\b(RESNET_[A-Z0-9_]+)=([^\s\"'`\\;,)]+?)\.?(?=[\s\"'`\\;,)]|$)")
 # Values clap accepts for each Rust type behind a RESNET_* variable.
 VALUE_RULES = {
-    "bool": (r"true|false", "true or false (clap's bool parser refuses 1/0, yes/no)"),
+    # Boolean flags use clap's BoolishValueParser.
+    "bool": (r"true|false|1|0|yes|no|on|off", "true/false, 1/0, yes/no or on/off"),
     "u16": (r"[0-9]+", "an unsigned integer"),
     "u32": (r"[0-9]+", "an unsigned integer"),
     "u64": (r"[0-9]+", "an unsigned integer"),

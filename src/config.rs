@@ -177,7 +177,7 @@ pub struct ServeArgs {
     pub log_format: LogFormat,
 
     /// Never download weights: fail when the weights file is missing.
-    #[arg(long, env = "RESNET_OFFLINE")]
+    #[arg(long, env = "RESNET_OFFLINE", value_parser = clap::builder::BoolishValueParser::new())]
     pub offline: bool,
 }
 

@@ -15,6 +15,9 @@ use crate::metrics::BatchMetrics;
 use crate::shutdown::Readiness;
 pub use policy::{BatchPolicy, Collector, Queued};
 
+/// Resolves with the warm-up forward pass's outcome.
+pub type WarmUp = oneshot::Receiver<Result<(), String>>;
+
 /// Why a forward pass failed.
 pub type ForwardError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -135,7 +138,7 @@ impl Batcher {
         config: BatcherConfig,
         metrics: BatchMetrics,
         readiness: Readiness,
-    ) -> std::io::Result<(Self, BatcherTask, oneshot::Receiver<Result<(), String>>)> {
+    ) -> std::io::Result<(Self, BatcherTask, WarmUp)> {
         let capacity = config.queue_capacity.max(1);
         // Every entry holds at least one slot, so the channel never fills before the slots do.
         let (queue_tx, queue_rx) = mpsc::channel(capacity);

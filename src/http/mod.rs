@@ -159,3 +159,82 @@ async fn record_request_metrics(
     );
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::StatusCode;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::batcher::{BatchPolicy, BatcherConfig, Classifier, ForwardError};
+
+    struct Uniform;
+
+    impl Classifier for Uniform {
+        fn classify(&mut self, _: &[f32], n: usize) -> Result<Vec<f32>, ForwardError> {
+            Ok(vec![0.0; n * 10])
+        }
+    }
+
+    fn info() -> ModelInfo {
+        ModelInfo {
+            name: "uniform".into(),
+            depth: 56,
+            shortcut: "projection".into(),
+            conv_bias: true,
+            parameter_count: 0,
+            num_classes: 10,
+            labels: vec![],
+            input_shape: [3, 32, 32],
+            mean: [0.5; 3],
+            std: [0.25; 3],
+            device: "cpu".into(),
+            engine: "none".into(),
+            source: None,
+        }
+    }
+
+    async fn ready_status(app: &Router) -> (StatusCode, String) {
+        let request = Request::get("/health/ready").body(Body::empty()).unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn readiness_is_503_shutting_down_once_draining() {
+        let config = ServerConfig::default();
+        let metrics = Arc::new(Metrics::new(config.max_batch_size, vec![]).unwrap());
+        let readiness = Readiness::new();
+        let batcher_config = BatcherConfig {
+            policy: BatchPolicy {
+                max_batch_size: 4,
+                max_delay: std::time::Duration::ZERO,
+            },
+            queue_capacity: 4,
+            num_classes: 10,
+        };
+        let (batcher, task, warmed_up) =
+            Batcher::start(Uniform, batcher_config, metrics.batch(), readiness.clone()).unwrap();
+        let app = router(AppState {
+            batcher,
+            model: Arc::new(info()),
+            config: Arc::new(config),
+            metrics,
+            readiness: readiness.clone(),
+            decode_slots: Arc::new(Semaphore::new(1)),
+        });
+        warmed_up.await.unwrap().unwrap();
+        assert_eq!(ready_status(&app).await.0, StatusCode::OK);
+        readiness.set_draining();
+        let (status, body) = ready_status(&app).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains(r#""code":"shutting_down""#), "{body}");
+        drop(app);
+        task.finish().await;
+    }
+}

@@ -70,9 +70,11 @@ pub async fn classify_batch(
     within(&state, deadline, async {
         match body_kind(request.headers())? {
             BodyKind::Multipart => {}
-            BodyKind::Raw => return Err(ApiError::UnsupportedMediaType(format!(
+            BodyKind::Raw => {
+                return Err(ApiError::UnsupportedMediaType(format!(
                 "/classify/batch takes multipart/form-data with one or more `{IMAGE_FIELD}` fields"
-            ))),
+            )))
+            }
         }
         let max = state.config.max_images_per_request;
         let images = image_fields(&state, request, max).await?;

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use crate::metrics::BatchMetrics;
 use crate::shutdown::Readiness;
-pub use policy::{BatchPolicy, Collector, Queued};
+pub use policy::{saturating_add, BatchPolicy, Collector, Queued};
 
 /// Resolves with the warm-up forward pass's outcome.
 pub type WarmUp = oneshot::Receiver<Result<(), String>>;

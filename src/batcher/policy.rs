@@ -55,7 +55,7 @@ impl<T: Queued> Collector<T> {
                 break entry;
             }
         };
-        let close_at = first.enqueued_at() + self.policy.max_delay;
+        let close_at = saturating_add(first.enqueued_at(), self.policy.max_delay);
         let mut images = first.images();
         let mut batch = vec![first];
         while images < self.policy.max_batch_size {
@@ -77,6 +77,12 @@ impl<T: Queued> Collector<T> {
         }
         Some(batch)
     }
+}
+
+/// `at + duration`, or a day after `at` when that would overflow the clock.
+pub fn saturating_add(at: Instant, duration: Duration) -> Instant {
+    at.checked_add(duration)
+        .unwrap_or_else(|| at + Duration::from_secs(86_400))
 }
 
 #[cfg(test)]

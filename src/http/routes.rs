@@ -13,6 +13,7 @@ use super::types::{
     BatchClassification, BatchingInfo, Classification, ClassifyParams, Health, ModelResponse,
 };
 use super::{AppState, Endpoint};
+use crate::batcher::saturating_add;
 use crate::model::IMAGE_FLOATS;
 use crate::preprocess::preprocess;
 use crate::shutdown::Phase;
@@ -31,7 +32,7 @@ pub async fn classify(
     query: QueryPairs,
     request: Request,
 ) -> Result<Json<Classification>, ApiError> {
-    let deadline = Instant::now() + state.config.request_timeout;
+    let deadline = saturating_add(Instant::now(), state.config.request_timeout);
     let params = ClassifyParams::parse(&query?.0, state.model.num_classes)?;
     ensure_accepting(&state)?;
     within(&state, deadline, async {
@@ -64,7 +65,7 @@ pub async fn classify_batch(
     query: QueryPairs,
     request: Request,
 ) -> Result<Json<BatchClassification>, ApiError> {
-    let deadline = Instant::now() + state.config.request_timeout;
+    let deadline = saturating_add(Instant::now(), state.config.request_timeout);
     let params = ClassifyParams::parse(&query?.0, state.model.num_classes)?;
     ensure_accepting(&state)?;
     within(&state, deadline, async {

@@ -4,9 +4,19 @@
 //! - [`model`]: architecture spec, weights loading, PyTorch conversion, download, and the
 //!   forward-pass engines behind one [`model::Model`].
 //! - [`preprocess`]: image bytes to normalised tensors, as torchvision does.
+//! - [`batcher`]: the bounded queue, the batching policy and the model thread.
+//! - [`http`]: the routes, their request and response types, and the one error type.
+//! - [`metrics`]: the Prometheus metrics of the contract, one registry per server.
+//! - [`shutdown`]: readiness and the signals that start a graceful shutdown.
+//! - [`server`]: server configuration, first-run weights, and `run(listener, ..., shutdown)`.
 //! - [`cli`]: the offline subcommands `eval` and `bench`.
 
+pub mod batcher;
 pub mod cli;
 pub mod config;
+pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod preprocess;
+pub mod server;
+pub mod shutdown;

@@ -2,19 +2,30 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use resnet_serve::config::{Cli, Command};
+use anyhow::Context;
+use clap::{parser::ValueSource, CommandFactory, FromArgMatches};
+use resnet_serve::config::{Cli, Command, LogFormat, ServeArgs};
 
 fn main() -> ExitCode {
-    let command = Cli::parse().into_command();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    // `serve` is also what runs without a subcommand, its flags then at the top level.
+    let serve_matches = matches.subcommand_matches("serve").unwrap_or(&matches);
+    let weights_explicit = !matches!(
+        serve_matches.value_source("weights"),
+        None | Some(ValueSource::DefaultValue)
+    );
+    let command = cli.into_command();
+    let log_format = match &command {
+        Command::Serve(args) => args.log_format,
+        _ => LogFormat::Text,
+    };
+    init_tracing(log_format);
     let result = match &command {
+        Command::Serve(args) => serve(args, weights_explicit),
         Command::Eval(args) => resnet_serve::cli::eval::run(args),
         Command::Bench(args) => resnet_serve::cli::bench::run(args),
         Command::Convert(args) => resnet_serve::model::convert::run(args)
@@ -23,7 +34,6 @@ fn main() -> ExitCode {
         Command::FetchWeights(args) => resnet_serve::model::fetch::fetch_weights(args)
             .map(|_| ())
             .map_err(Into::into),
-        Command::Serve(_) => Err(anyhow::anyhow!("not available in this build yet")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -32,4 +42,55 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+    }
+}
+
+/// `serve`: weights (fetched on first run), model, listener, then the server until a signal.
+fn serve(args: &ServeArgs, weights_explicit: bool) -> anyhow::Result<()> {
+    use resnet_serve::{http::types::ModelInfo, model::Model, server};
+
+    server::ensure_weights(&args.model.weights, weights_explicit, args.offline)?;
+    let model = Model::load(&args.model)?;
+    let info = ModelInfo::from_model(&model);
+    tracing::info!(
+        model = %info.name,
+        depth = info.depth,
+        shortcut = %info.shortcut,
+        device = %info.device,
+        engine = %info.engine,
+        weights = %args.model.weights.display(),
+        "model loaded"
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind((args.host, args.port))
+            .await
+            .with_context(|| format!("binding {}:{}", args.host, args.port))?;
+        tracing::info!(address = %listener.local_addr()?, "listening");
+        let config = server::ServerConfig::from_args(args);
+        server::run(
+            listener,
+            model,
+            info,
+            config,
+            resnet_serve::shutdown::signal(),
+        )
+        .await?;
+        Ok(())
+    })
 }

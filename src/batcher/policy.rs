@@ -1,0 +1,221 @@
+//! The batching policy: which queued entries go into the next forward pass, and when.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// Limits that shape a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchPolicy {
+    /// Most images in one forward pass (an entry larger than this still runs, alone).
+    pub max_batch_size: usize,
+    /// How long after the oldest entry of a batch entered the queue the batch may wait for more.
+    pub max_delay: Duration,
+}
+
+/// Something waiting in the queue.
+pub trait Queued: Sized {
+    /// Images it adds to a batch.
+    fn images(&self) -> usize;
+    /// When it entered the queue.
+    fn enqueued_at(&self) -> Instant;
+    /// Itself when still worth computing at `now`; otherwise it is answered if need be (for
+    /// example with a timeout) and dropped.
+    fn still_wanted(self, now: Instant) -> Option<Self>;
+}
+
+/// Takes batches off the queue: the oldest live entry, then whatever else arrives until the
+/// batch is full or `max_delay` after that entry was queued.
+#[derive(Debug)]
+pub struct Collector<T> {
+    queue: mpsc::Receiver<T>,
+    policy: BatchPolicy,
+    /// An entry that did not fit in the previous batch: it opens the next one.
+    held: Option<T>,
+}
+
+impl<T: Queued> Collector<T> {
+    pub fn new(queue: mpsc::Receiver<T>, policy: BatchPolicy) -> Self {
+        Self {
+            queue,
+            policy,
+            held: None,
+        }
+    }
+
+    /// The next batch, in queue order; `None` once the queue is closed and empty.
+    pub async fn next_batch(&mut self) -> Option<Vec<T>> {
+        let first = loop {
+            let entry = match self.held.take() {
+                Some(entry) => entry,
+                None => self.queue.recv().await?,
+            };
+            if let Some(entry) = entry.still_wanted(Instant::now()) {
+                break entry;
+            }
+        };
+        let close_at = saturating_add(first.enqueued_at(), self.policy.max_delay);
+        let mut images = first.images();
+        let mut batch = vec![first];
+        while images < self.policy.max_batch_size {
+            // `timeout_at` polls the queue before the clock: entries already waiting are taken
+            // even when the deadline has passed.
+            let entry = match tokio::time::timeout_at(close_at, self.queue.recv()).await {
+                Ok(Some(entry)) => entry,
+                Ok(None) | Err(_) => break,
+            };
+            let Some(entry) = entry.still_wanted(Instant::now()) else {
+                continue;
+            };
+            if images + entry.images() > self.policy.max_batch_size {
+                self.held = Some(entry);
+                break;
+            }
+            images += entry.images();
+            batch.push(entry);
+        }
+        Some(batch)
+    }
+}
+
+/// `at + duration`, or a day after `at` when that would overflow the clock.
+pub fn saturating_add(at: Instant, duration: Duration) -> Instant {
+    at.checked_add(duration)
+        .unwrap_or_else(|| at + Duration::from_secs(86_400))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Item {
+        id: u32,
+        images: usize,
+        enqueued_at: Instant,
+        wanted: bool,
+    }
+
+    impl Queued for Item {
+        fn images(&self) -> usize {
+            self.images
+        }
+        fn enqueued_at(&self) -> Instant {
+            self.enqueued_at
+        }
+        fn still_wanted(self, _now: Instant) -> Option<Self> {
+            self.wanted.then_some(self)
+        }
+    }
+
+    fn item(id: u32, images: usize) -> Item {
+        Item {
+            id,
+            images,
+            enqueued_at: Instant::now(),
+            wanted: true,
+        }
+    }
+
+    fn setup(max_batch_size: usize, delay_ms: u64) -> (mpsc::Sender<Item>, Collector<Item>) {
+        let (tx, rx) = mpsc::channel(64);
+        let policy = BatchPolicy {
+            max_batch_size,
+            max_delay: Duration::from_millis(delay_ms),
+        };
+        (tx, Collector::new(rx, policy))
+    }
+
+    fn ids(batch: &[Item]) -> Vec<u32> {
+        batch.iter().map(|i| i.id).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_entry_waits_the_full_delay_then_goes_alone() {
+        let (tx, mut collector) = setup(8, 5);
+        let start = Instant::now();
+        tx.send(item(1, 1)).await.unwrap();
+        let batch = collector.next_batch().await.unwrap();
+        assert_eq!(ids(&batch), [1]);
+        assert_eq!(start.elapsed(), Duration::from_millis(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_arriving_within_the_delay_join_the_batch_and_later_ones_do_not() {
+        let (tx, mut collector) = setup(8, 10);
+        let keep_open = tx.clone();
+        let start = Instant::now();
+        let sender = tokio::spawn(async move {
+            tx.send(item(1, 1)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(4)).await;
+            tx.send(item(2, 1)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(4)).await;
+            tx.send(item(3, 2)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(4)).await;
+            tx.send(item(4, 1)).await.unwrap();
+        });
+        assert_eq!(ids(&collector.next_batch().await.unwrap()), [1, 2, 3]);
+        assert_eq!(start.elapsed(), Duration::from_millis(10));
+        assert_eq!(ids(&collector.next_batch().await.unwrap()), [4]);
+        // Entry 4 arrived at 12 ms: its batch closes 10 ms later.
+        assert_eq!(start.elapsed(), Duration::from_millis(22));
+        sender.await.unwrap();
+        drop(keep_open);
+        assert!(collector.next_batch().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_goes_at_once() {
+        let (tx, mut collector) = setup(3, 1000);
+        let start = Instant::now();
+        for id in 1..=4 {
+            tx.send(item(id, 1)).await.unwrap();
+        }
+        assert_eq!(ids(&collector.next_batch().await.unwrap()), [1, 2, 3]);
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_entry_that_does_not_fit_opens_the_next_batch_and_an_oversized_one_runs_alone() {
+        let (tx, mut collector) = setup(4, 0);
+        tx.send(item(1, 3)).await.unwrap();
+        tx.send(item(2, 2)).await.unwrap();
+        tx.send(item(3, 9)).await.unwrap();
+        tx.send(item(4, 1)).await.unwrap();
+        drop(tx);
+        assert_eq!(ids(&collector.next_batch().await.unwrap()), [1]);
+        assert_eq!(ids(&collector.next_batch().await.unwrap()), [2]);
+        assert_eq!(ids(&collector.next_batch().await.unwrap()), [3]);
+        assert_eq!(ids(&collector.next_batch().await.unwrap()), [4]);
+        assert!(collector.next_batch().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_that_waited_past_the_delay_go_without_further_waiting() {
+        let (tx, mut collector) = setup(8, 5);
+        tx.send(item(1, 1)).await.unwrap();
+        tx.send(item(2, 1)).await.unwrap();
+        // The model was busy: the entries have been queued longer than the delay.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let start = Instant::now();
+        assert_eq!(ids(&collector.next_batch().await.unwrap()), [1, 2]);
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unwanted_entries_are_skipped_and_do_not_count() {
+        let (tx, mut collector) = setup(2, 0);
+        let mut gone = item(1, 1);
+        gone.wanted = false;
+        tx.send(gone).await.unwrap();
+        tx.send(item(2, 1)).await.unwrap();
+        let mut gone = item(3, 1);
+        gone.wanted = false;
+        tx.send(gone).await.unwrap();
+        tx.send(item(4, 1)).await.unwrap();
+        drop(tx);
+        assert_eq!(ids(&collector.next_batch().await.unwrap()), [2, 4]);
+        assert!(collector.next_batch().await.is_none());
+    }
+}

@@ -1,0 +1,147 @@
+//! The model thread: warm-up, then one forward pass per batch, answering every entry; and the
+//! collector task that hands it batches only when it is idle, so batches grow under load.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use super::{BatchError, Classifier, Collector, Entry, Queued};
+use crate::metrics::BatchMetrics;
+use crate::model::IMAGE_FLOATS;
+use crate::shutdown::Readiness;
+
+/// A batch for the model thread; `_idle` is released when it is done.
+pub(super) struct Job {
+    entries: Vec<Entry>,
+    _idle: OwnedSemaphorePermit,
+}
+
+/// Collects batches while the model is idle and hands them over, until the queue closes.
+pub(super) async fn collect(mut collector: Collector<Entry>, jobs: Sender<Job>) {
+    let model_idle = Arc::new(Semaphore::new(1));
+    loop {
+        let Ok(idle) = model_idle.clone().acquire_owned().await else {
+            break;
+        };
+        let Some(entries) = collector.next_batch().await else {
+            break;
+        };
+        if jobs
+            .send(Job {
+                entries,
+                _idle: idle,
+            })
+            .is_err()
+        {
+            tracing::error!("the model thread has stopped; no more batches run");
+            break;
+        }
+    }
+}
+
+/// The model thread's body: owns the model until the job channel closes.
+pub(super) fn run<M: Classifier>(
+    mut model: M,
+    jobs: Receiver<Job>,
+    classes: usize,
+    metrics: BatchMetrics,
+    readiness: Readiness,
+    warmed_up: oneshot::Sender<Result<(), String>>,
+) {
+    let started = std::time::Instant::now();
+    match forward(&mut model, &vec![0.0; IMAGE_FLOATS], 1, classes) {
+        Ok(_) => {
+            tracing::info!(
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "warm-up forward pass done; ready"
+            );
+            readiness.set_ready();
+            let _ = warmed_up.send(Ok(()));
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "warm-up forward pass failed");
+            let _ = warmed_up.send(Err(e));
+            return;
+        }
+    }
+    while let Ok(job) = jobs.recv() {
+        run_batch(&mut model, job, classes, &metrics);
+    }
+    tracing::debug!("queue closed; model thread exits");
+}
+
+fn run_batch<M: Classifier>(model: &mut M, job: Job, classes: usize, metrics: &BatchMetrics) {
+    let now = Instant::now();
+    let mut entries = Vec::with_capacity(job.entries.len());
+    let mut pixels = Vec::new();
+    for entry in job.entries {
+        // The batch may have waited for the model: drop what went stale meanwhile.
+        let Some(mut entry) = entry.still_wanted(now) else {
+            continue;
+        };
+        entry.admission = None;
+        metrics
+            .queue_wait
+            .record(now.saturating_duration_since(entry.enqueued_at));
+        pixels.append(&mut entry.pixels);
+        entries.push(entry);
+    }
+    let n: usize = entries.iter().map(|e| e.images).sum();
+    if n == 0 {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let result = forward(model, &pixels, n, classes);
+    metrics.inference.record(started.elapsed());
+    metrics.batch_size.record(n as f64);
+    match result {
+        Ok(logits) => {
+            metrics.images.increment(n as u64);
+            let mut rows = logits.chunks_exact(classes);
+            for entry in entries {
+                let mine: Vec<f32> = rows
+                    .by_ref()
+                    .take(entry.images)
+                    .flatten()
+                    .copied()
+                    .collect();
+                let _ = entry.respond.send(Ok(mine));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, images = n, "forward pass failed; failing its batch");
+            for entry in entries {
+                let _ = entry.respond.send(Err(BatchError::Inference(e.clone())));
+            }
+        }
+    }
+}
+
+/// One forward pass, with panics and malformed outputs turned into errors so that a failure
+/// costs only its own batch.
+fn forward<M: Classifier>(
+    model: &mut M,
+    pixels: &[f32],
+    n: usize,
+    classes: usize,
+) -> Result<Vec<f32>, String> {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| model.classify(pixels, n))) {
+        Ok(Ok(logits)) if logits.len() == n * classes => Ok(logits),
+        Ok(Ok(logits)) => Err(format!(
+            "the model returned {} logits for {n} images of {classes} classes",
+            logits.len()
+        )),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => Err(format!(
+            "the forward pass panicked: {}",
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown cause".into())
+        )),
+    }
+}

@@ -1,0 +1,240 @@
+//! The HTTP API: shared state, the one list of endpoints, and the router built from it with
+//! request ids, tracing, body limits and request metrics.
+
+pub mod error;
+pub mod routes;
+pub mod types;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderName, Method};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post, MethodRouter};
+use axum::Router;
+use tokio::sync::Semaphore;
+use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+
+use crate::batcher::Batcher;
+use crate::metrics::Metrics;
+use crate::server::ServerConfig;
+use crate::shutdown::Readiness;
+use types::ModelInfo;
+
+/// The header that carries each request's id (set when the client sends none, echoed back).
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Everything the handlers share.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub batcher: Batcher,
+    pub model: Arc<ModelInfo>,
+    pub config: Arc<ServerConfig>,
+    pub metrics: Arc<Metrics>,
+    pub readiness: Readiness,
+    /// Bounds concurrent image decoding (CPU and memory) to the cores available.
+    pub decode_slots: Arc<Semaphore>,
+}
+
+/// Every route the API serves: the router is built from this list, and the OpenAPI test
+/// compares it with `openapi.yaml`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Classify,
+    ClassifyBatch,
+    Live,
+    Ready,
+    Metrics,
+    Model,
+    OpenApi,
+}
+
+impl Endpoint {
+    pub const ALL: [Self; 7] = [
+        Self::Classify,
+        Self::ClassifyBatch,
+        Self::Live,
+        Self::Ready,
+        Self::Metrics,
+        Self::Model,
+        Self::OpenApi,
+    ];
+
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::Classify => "/classify",
+            Self::ClassifyBatch => "/classify/batch",
+            Self::Live => "/health/live",
+            Self::Ready => "/health/ready",
+            Self::Metrics => "/metrics",
+            Self::Model => "/v1/model",
+            Self::OpenApi => "/openapi.yaml",
+        }
+    }
+
+    pub fn method(self) -> Method {
+        match self {
+            Self::Classify | Self::ClassifyBatch => Method::POST,
+            _ => Method::GET,
+        }
+    }
+
+    fn handler(self) -> MethodRouter<AppState> {
+        match self {
+            Self::Classify => post(routes::classify),
+            Self::ClassifyBatch => post(routes::classify_batch),
+            Self::Live => get(routes::live),
+            Self::Ready => get(routes::ready),
+            Self::Metrics => get(routes::metrics),
+            Self::Model => get(routes::model),
+            Self::OpenApi => get(routes::openapi),
+        }
+    }
+
+    /// The endpoints at `path`.
+    pub fn at(path: &str) -> impl Iterator<Item = Self> + '_ {
+        Self::ALL.into_iter().filter(move |e| e.path() == path)
+    }
+}
+
+/// The application: every [`Endpoint`], JSON 404/405 fallbacks, and the middleware stack.
+pub fn router(state: AppState) -> Router {
+    let mut router = Router::new();
+    for endpoint in Endpoint::ALL {
+        router = router.route(endpoint.path(), endpoint.handler());
+    }
+    let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
+    let trace = TraceLayer::new_for_http()
+        .make_span_with(|request: &Request| {
+            let id = request
+                .headers()
+                .get(REQUEST_ID_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            tracing::info_span!(
+                "request",
+                method = %request.method(),
+                path = %request.uri().path(),
+                request_id = %id,
+            )
+        })
+        .on_response(DefaultOnResponse::new().level(tracing::Level::INFO));
+    router
+        .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
+                .layer(trace)
+                .layer(PropagateRequestIdLayer::new(request_id))
+                .layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    record_request_metrics,
+                ))
+                .layer(DefaultBodyLimit::max(state.config.max_body_bytes)),
+        )
+        .with_state(state)
+}
+
+/// Counts every request under its route (`unmatched` for unknown paths) and status.
+async fn record_request_metrics(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = Endpoint::ALL
+        .into_iter()
+        .find(|e| e.path() == request.uri().path())
+        .map_or("unmatched", Endpoint::path);
+    let started = Instant::now();
+    let response = next.run(request).await;
+    state.metrics.record_request(
+        route,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::StatusCode;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::batcher::{BatchPolicy, BatcherConfig, Classifier, ForwardError};
+
+    struct Uniform;
+
+    impl Classifier for Uniform {
+        fn classify(&mut self, _: &[f32], n: usize) -> Result<Vec<f32>, ForwardError> {
+            Ok(vec![0.0; n * 10])
+        }
+    }
+
+    fn info() -> ModelInfo {
+        ModelInfo {
+            name: "uniform".into(),
+            depth: 56,
+            shortcut: "projection".into(),
+            conv_bias: true,
+            parameter_count: 0,
+            num_classes: 10,
+            labels: vec![],
+            input_shape: [3, 32, 32],
+            mean: [0.5; 3],
+            std: [0.25; 3],
+            device: "cpu".into(),
+            engine: "none".into(),
+            source: None,
+        }
+    }
+
+    async fn ready_status(app: &Router) -> (StatusCode, String) {
+        let request = Request::get("/health/ready").body(Body::empty()).unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn readiness_is_503_shutting_down_once_draining() {
+        let config = ServerConfig::default();
+        let metrics = Arc::new(Metrics::new(config.max_batch_size, vec![]).unwrap());
+        let readiness = Readiness::new();
+        let batcher_config = BatcherConfig {
+            policy: BatchPolicy {
+                max_batch_size: 4,
+                max_delay: std::time::Duration::ZERO,
+            },
+            queue_capacity: 4,
+            num_classes: 10,
+        };
+        let (batcher, task, warmed_up) =
+            Batcher::start(Uniform, batcher_config, metrics.batch(), readiness.clone()).unwrap();
+        let app = router(AppState {
+            batcher,
+            model: Arc::new(info()),
+            config: Arc::new(config),
+            metrics,
+            readiness: readiness.clone(),
+            decode_slots: Arc::new(Semaphore::new(1)),
+        });
+        warmed_up.await.unwrap().unwrap();
+        assert_eq!(ready_status(&app).await.0, StatusCode::OK);
+        readiness.set_draining();
+        let (status, body) = ready_status(&app).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains(r#""code":"shutting_down""#), "{body}");
+        drop(app);
+        task.finish().await;
+    }
+}

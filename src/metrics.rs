@@ -1,0 +1,188 @@
+//! Prometheus metrics under the names the contract fixes, kept in one recorder per server (so
+//! several servers can share a process) and rendered as text by `GET /metrics`.
+
+use metrics::{Counter, Gauge, Histogram, Label, Unit};
+use metrics_exporter_prometheus::{
+    BuildError, Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+pub const REQUESTS_TOTAL: &str = "resnet_requests_total";
+pub const REQUEST_DURATION: &str = "resnet_request_duration_seconds";
+pub const QUEUE_WAIT: &str = "resnet_queue_wait_seconds";
+pub const INFERENCE_DURATION: &str = "resnet_inference_duration_seconds";
+pub const BATCH_SIZE: &str = "resnet_batch_size";
+pub const QUEUE_DEPTH: &str = "resnet_queue_depth";
+pub const IMAGES_TOTAL: &str = "resnet_images_total";
+pub const MODEL_INFO: &str = "resnet_model_info";
+
+/// Every metric name `/metrics` exposes.
+pub const ALL: [&str; 8] = [
+    REQUESTS_TOTAL,
+    REQUEST_DURATION,
+    QUEUE_WAIT,
+    INFERENCE_DURATION,
+    BATCH_SIZE,
+    QUEUE_DEPTH,
+    IMAGES_TOTAL,
+    MODEL_INFO,
+];
+
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+/// The handles the batcher updates.
+#[derive(Clone)]
+pub struct BatchMetrics {
+    /// Images admitted and not yet in a forward pass.
+    pub queue_depth: Gauge,
+    /// Seconds from entering the queue to the start of its forward pass.
+    pub queue_wait: Histogram,
+    /// Seconds per forward pass.
+    pub inference: Histogram,
+    /// Images per forward pass.
+    pub batch_size: Histogram,
+    /// Images classified.
+    pub images: Counter,
+}
+
+/// The server's metrics registry.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    batch: BatchMetrics,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// A registry whose batch-size buckets reach `max_batch_size`, with `resnet_model_info`
+    /// set to 1 under `model_labels`.
+    pub fn new(
+        max_batch_size: usize,
+        model_labels: Vec<(&'static str, String)>,
+    ) -> Result<Self, BuildError> {
+        let mut builder = PrometheusBuilder::new();
+        for name in [REQUEST_DURATION, QUEUE_WAIT, INFERENCE_DURATION] {
+            builder =
+                builder.set_buckets_for_metric(Matcher::Full(name.into()), &LATENCY_BUCKETS)?;
+        }
+        builder = builder.set_buckets_for_metric(
+            Matcher::Full(BATCH_SIZE.into()),
+            &batch_buckets(max_batch_size),
+        )?;
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        let batch = metrics::with_local_recorder(&recorder, || {
+            metrics::describe_counter!(REQUESTS_TOTAL, "HTTP requests by route and status code");
+            metrics::describe_histogram!(
+                REQUEST_DURATION,
+                Unit::Seconds,
+                "HTTP request duration by route"
+            );
+            metrics::describe_histogram!(
+                QUEUE_WAIT,
+                Unit::Seconds,
+                "time images wait in the batching queue"
+            );
+            metrics::describe_histogram!(
+                INFERENCE_DURATION,
+                Unit::Seconds,
+                "duration of one forward pass"
+            );
+            metrics::describe_histogram!(BATCH_SIZE, "images per forward pass");
+            metrics::describe_gauge!(QUEUE_DEPTH, "images admitted and not yet in a forward pass");
+            metrics::describe_counter!(IMAGES_TOTAL, "images classified");
+            metrics::describe_gauge!(MODEL_INFO, "the served model; always 1");
+            let labels: Vec<Label> = model_labels
+                .into_iter()
+                .map(|(key, value)| Label::new(key, value))
+                .collect();
+            metrics::gauge!(MODEL_INFO, labels).set(1.0);
+            BatchMetrics {
+                queue_depth: metrics::gauge!(QUEUE_DEPTH),
+                queue_wait: metrics::histogram!(QUEUE_WAIT),
+                inference: metrics::histogram!(INFERENCE_DURATION),
+                batch_size: metrics::histogram!(BATCH_SIZE),
+                images: metrics::counter!(IMAGES_TOTAL),
+            }
+        });
+        // Registered up front so that the gauge and counter show 0 before the first request.
+        batch.queue_depth.set(0.0);
+        batch.images.increment(0);
+        Ok(Self {
+            recorder,
+            handle,
+            batch,
+        })
+    }
+
+    /// The handles the batcher updates.
+    pub fn batch(&self) -> BatchMetrics {
+        self.batch.clone()
+    }
+
+    /// Counts one HTTP request and its duration.
+    pub fn record_request(&self, route: &'static str, status: u16, seconds: f64) {
+        metrics::with_local_recorder(&self.recorder, || {
+            metrics::counter!(REQUESTS_TOTAL, "route" => route, "status" => status.to_string())
+                .increment(1);
+            metrics::histogram!(REQUEST_DURATION, "route" => route).record(seconds);
+        });
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// Folds recent histogram samples into their buckets; without it they pile up in memory
+    /// between scrapes.
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}
+
+/// 1, 2, 4, ... up to and including `max`.
+fn batch_buckets(max: usize) -> Vec<f64> {
+    let max = max.max(1);
+    let mut buckets: Vec<f64> = std::iter::successors(Some(1usize), |b| b.checked_mul(2))
+        .take_while(|&b| b < max)
+        .map(|b| b as f64)
+        .collect();
+    buckets.push(max as f64);
+    buckets
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_buckets_double_up_to_the_limit() {
+        assert_eq!(batch_buckets(1), [1.0]);
+        assert_eq!(batch_buckets(64), [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]);
+        assert_eq!(batch_buckets(48), [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 48.0]);
+    }
+
+    #[test]
+    fn two_registries_do_not_share_samples() {
+        let a = Metrics::new(8, vec![("name", "a".into())]).unwrap();
+        let b = Metrics::new(8, vec![("name", "b".into())]).unwrap();
+        a.record_request("/classify", 200, 0.01);
+        a.batch().batch_size.record(3.0);
+        let (text_a, text_b) = (a.render(), b.render());
+        assert!(text_a.contains(r#"resnet_requests_total{route="/classify",status="200"} 1"#));
+        assert!(!text_b.contains("resnet_requests_total{"));
+        assert!(text_a.contains("resnet_batch_size_sum 3"));
+        assert!(text_b.contains(r#"resnet_model_info{name="b"} 1"#));
+        for name in ALL {
+            assert!(text_a.contains(name), "{name} missing from\n{text_a}");
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Running the service: its configuration, first-run weights, and [`run`], which serves on an
+//! already-bound listener until a shutdown future resolves, then drains.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::batcher::{BatchPolicy, Batcher, BatcherConfig, Classifier};
+use crate::config::{FetchArgs, ServeArgs};
+use crate::http::types::ModelInfo;
+use crate::http::{router, AppState};
+use crate::metrics::Metrics;
+use crate::shutdown::Readiness;
+
+/// How the server batches, bounds and times requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    pub max_batch_size: usize,
+    pub max_batch_delay: Duration,
+    /// Images admitted (being decoded or queued) at once; beyond that: 429.
+    pub queue_capacity: usize,
+    /// From arrival to answer; past it: 504.
+    pub request_timeout: Duration,
+    pub max_body_bytes: usize,
+    pub max_image_pixels: u64,
+    /// Most images in one `/classify/batch` request.
+    pub max_images_per_request: usize,
+}
+
+impl Default for ServerConfig {
+    /// The command line's defaults.
+    fn default() -> Self {
+        Self {
+            max_batch_size: 64,
+            max_batch_delay: Duration::from_millis(2),
+            queue_capacity: 1024,
+            request_timeout: Duration::from_millis(10_000),
+            max_body_bytes: 20 * 1024 * 1024,
+            max_image_pixels: 40_000_000,
+            max_images_per_request: 64,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// From `serve`'s flags; a batch request may carry up to one forward pass of images.
+    pub fn from_args(args: &ServeArgs) -> Self {
+        let max_batch_size = args.max_batch_size as usize;
+        Self {
+            max_batch_size,
+            max_batch_delay: Duration::from_millis(args.max_batch_delay_ms),
+            queue_capacity: args.queue_capacity as usize,
+            request_timeout: Duration::from_millis(args.request_timeout_ms),
+            max_body_bytes: args.max_body_bytes,
+            max_image_pixels: args.max_image_pixels,
+            max_images_per_request: max_batch_size,
+        }
+    }
+}
+
+/// Why the server could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("setting up metrics: {0}")]
+    Metrics(#[from] metrics_exporter_prometheus::BuildError),
+    #[error("starting the model thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("the warm-up forward pass failed: {0}")]
+    WarmUp(String),
+    #[error("serving HTTP: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Why the weights for `serve` are not there.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsSetupError {
+    #[error(
+        "weights file {} does not exist and --offline (RESNET_OFFLINE) forbids downloading it; \
+         run `resnet-serve fetch-weights` where the network is reachable, or convert a \
+         checkpoint with `resnet-serve convert IN {}`, or pass --weights PATH",
+        path.display(),
+        path.display()
+    )]
+    Offline { path: PathBuf },
+    #[error("downloading the default weights to {}: {reason}", path.display())]
+    Fetch { path: PathBuf, reason: String },
+}
+
+/// First run: when the weights were left at their default path and that file is missing,
+/// fetch the default pretrained checkpoint there (as `fetch-weights` does), unless `offline`.
+/// An explicitly given path is never replaced: a missing one fails later, when it is loaded.
+pub fn ensure_weights(path: &Path, explicit: bool, offline: bool) -> Result<(), WeightsSetupError> {
+    if explicit || path.exists() {
+        return Ok(());
+    }
+    if offline {
+        return Err(WeightsSetupError::Offline { path: path.into() });
+    }
+    tracing::info!(
+        path = %path.display(),
+        "weights file missing: downloading the default pretrained ResNet56 (as `fetch-weights` does)"
+    );
+    fetch_default_weights(path)
+}
+
+/// `fetch-weights` with its defaults (and `RESNET_WEIGHTS_URL`), writing `output`.
+fn fetch_default_weights(output: &Path) -> Result<(), WeightsSetupError> {
+    use clap::{Args, FromArgMatches};
+    let fail = |reason: String| WeightsSetupError::Fetch {
+        path: output.into(),
+        reason,
+    };
+    let command = FetchArgs::augment_args(clap::Command::new("fetch-weights"));
+    let matches = command
+        .try_get_matches_from([
+            "fetch-weights".as_ref(),
+            "--output".as_ref(),
+            output.as_os_str(),
+        ])
+        .map_err(|e| fail(e.to_string()))?;
+    let args = FetchArgs::from_arg_matches(&matches).map_err(|e| fail(e.to_string()))?;
+    crate::model::fetch::fetch_weights(&args)
+        .map(|_| ())
+        .map_err(|e| fail(e.to_string()))
+}
+
+/// Serves the API on `listener` with `model` until `shutdown` resolves, then stops accepting,
+/// reports not ready, answers everything already queued, and returns.
+///
+/// The model thread first runs a warm-up forward pass; `/health/ready` answers 200 after it.
+/// A failing warm-up shuts the server down and is returned as [`ServerError::WarmUp`].
+pub async fn run<M: Classifier>(
+    listener: TcpListener,
+    model: M,
+    info: ModelInfo,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let readiness = Readiness::new();
+    let metrics = Arc::new(Metrics::new(config.max_batch_size, info.metric_labels())?);
+    let batcher_config = BatcherConfig {
+        policy: BatchPolicy {
+            max_batch_size: config.max_batch_size,
+            max_delay: config.max_batch_delay,
+        },
+        queue_capacity: config.queue_capacity,
+        num_classes: info.num_classes,
+    };
+    let (batcher, batcher_task, warmed_up) =
+        Batcher::start(model, batcher_config, metrics.batch(), readiness.clone())
+            .map_err(ServerError::Spawn)?;
+    let decoders = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let app = router(AppState {
+        batcher,
+        model: Arc::new(info),
+        config: Arc::new(config),
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+        decode_slots: Arc::new(Semaphore::new(decoders)),
+    });
+
+    let upkeep_metrics = metrics.clone();
+    let upkeep = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep_metrics.run_upkeep();
+        }
+    });
+
+    let (failure_tx, failure_rx) = tokio::sync::oneshot::channel::<String>();
+    let drain_readiness = readiness.clone();
+    let stop = async move {
+        tokio::select! {
+            () = shutdown => tracing::info!("shutting down: finishing queued requests"),
+            Ok(Err(e)) = warmed_up => {
+                tracing::error!(error = %e, "warm-up failed: shutting down");
+                let _ = failure_tx.send(e);
+            }
+        }
+        drain_readiness.set_draining();
+    };
+    let listener = listener.tap_io(|stream| {
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await;
+    // Every handler (and with it every queue sender) is gone: the queue drains and closes.
+    batcher_task.finish().await;
+    upkeep.abort();
+    served?;
+    if let Ok(e) = failure_rx.await {
+        return Err(ServerError::WarmUp(e));
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! The 846 CIFAR-10 test images, encoded as PNG, posted by 48 concurrent clients to the real
+//! server: every answer 200, the same predictions as PyTorch, and batches actually formed.
+
+mod common;
+mod http_util;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use http_util::{argmax, client, metric, png_from_chw, weights_model, TestServer};
+use resnet_serve::cli::eval::{load_reference, LabelledImages};
+use resnet_serve::server::ServerConfig;
+use serde_json::Value;
+
+const CLIENTS: usize = 48;
+const IMAGE_BYTES: usize = 3 * 32 * 32;
+
+/// What the server answered for every image.
+struct Run {
+    /// Per image: the class the server named, and its logits.
+    answers: Vec<(usize, Vec<f32>)>,
+    labels: Vec<i64>,
+    mean_batch_size: f64,
+}
+
+/// Serves `weights` and posts every image of the 846-image set from `CLIENTS` threads.
+fn run_846(weights: std::path::PathBuf) -> Option<Run> {
+    let data =
+        LabelledImages::load(&common::shared_file("data/cifar10-test-846.safetensors")?).unwrap();
+    let (model, info) = weights_model(weights)?;
+    let classes = info.num_classes;
+    let server = TestServer::start(model, info, ServerConfig::default());
+    server.wait_ready();
+    let pngs: Vec<Vec<u8>> = data
+        .pixels
+        .chunks_exact(IMAGE_BYTES)
+        .map(|chw| png_from_chw(chw, 32, 32))
+        .collect();
+    let next = AtomicUsize::new(0);
+    let answers = Mutex::new(vec![None; pngs.len()]);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..CLIENTS {
+            scope.spawn(|| {
+                let http = client();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(png) = pngs.get(i) else { break };
+                    let r = http
+                        .post(server.url("/classify?logits=true"))
+                        .header("content-type", "image/png")
+                        .body(png.clone())
+                        .send()
+                        .unwrap();
+                    assert_eq!(r.status(), 200, "image {i}: {}", r.text().unwrap());
+                    let body: Value = r.json().unwrap();
+                    let class = body["class_index"].as_u64().unwrap() as usize;
+                    let logits: Vec<f32> = serde_json::from_value(body["logits"].clone()).unwrap();
+                    assert_eq!(logits.len(), classes);
+                    answers.lock().unwrap()[i] = Some((class, logits));
+                }
+            });
+        }
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    let text = server.metrics();
+    let batches = metric(&text, "resnet_batch_size_count").unwrap();
+    let images = metric(&text, "resnet_batch_size_sum").unwrap();
+    assert_eq!(
+        metric(&text, "resnet_images_total"),
+        Some(pngs.len() as f64)
+    );
+    assert_eq!(metric(&text, "resnet_queue_depth"), Some(0.0));
+    server.stop().unwrap();
+    eprintln!(
+        "{} images in {seconds:.1} s ({:.1} images/s), {batches} forward passes, mean batch {:.1}",
+        pngs.len(),
+        pngs.len() as f64 / seconds,
+        images / batches
+    );
+    Some(Run {
+        answers: answers
+            .into_inner()
+            .unwrap()
+            .into_iter()
+            .map(|a| a.expect("every image answered"))
+            .collect(),
+        labels: data.labels,
+        mean_batch_size: images / batches,
+    })
+}
+
+/// Checks the answers against PyTorch's logits `key`; returns the top-1 accuracy.
+fn check_against_reference(run: &Run, key: &str) -> f64 {
+    let reference = load_reference(
+        &common::shared_file("reference/logits.safetensors").unwrap(),
+        key,
+    )
+    .unwrap();
+    let classes = run.answers[0].1.len();
+    assert_eq!(reference.len(), run.answers.len() * classes);
+    let mut agree = 0;
+    let mut max_diff = 0f32;
+    for ((class, logits), expected) in run.answers.iter().zip(reference.chunks_exact(classes)) {
+        assert_eq!(
+            *class,
+            argmax(logits),
+            "the named class is the argmax of the logits"
+        );
+        agree += usize::from(*class == argmax(expected));
+        for (a, b) in logits.iter().zip(expected) {
+            max_diff = max_diff.max((a - b).abs());
+        }
+    }
+    let correct = run
+        .answers
+        .iter()
+        .zip(&run.labels)
+        .filter(|((class, _), &label)| *class as i64 == label)
+        .count();
+    let accuracy = correct as f64 / run.answers.len() as f64;
+    eprintln!(
+        "{key}: top-1 agreement {agree}/{}, max |logit diff| {max_diff:.2e}, accuracy {accuracy:.4}",
+        run.answers.len()
+    );
+    assert_eq!(agree, run.answers.len(), "top-1 agreement with {key}");
+    assert!(max_diff <= 1e-3, "max |logit diff| {max_diff} vs {key}");
+    assert!(
+        run.mean_batch_size >= 4.0,
+        "mean batch size {} under {CLIENTS} concurrent clients",
+        run.mean_batch_size
+    );
+    accuracy
+}
+
+#[test]
+fn seed_random_model_over_http_matches_pytorch_on_846_images() {
+    let Some(weights) = common::shared_file("models/resnet56-seed-random.safetensors") else {
+        return;
+    };
+    let Some(run) = run_846(weights) else { return };
+    check_against_reference(&run, "seed_random_logits");
+}
+
+#[test]
+fn pretrained_model_over_http_reaches_its_accuracy_on_846_images() {
+    let Some(checkpoint) = common::shared_file("models/resnet56-4bfd9763.th") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("resnet56.safetensors");
+    let (ok, stdout, stderr) = common::run_cli(&[
+        "convert".as_ref(),
+        checkpoint.as_os_str(),
+        weights.as_os_str(),
+        "--preset".as_ref(),
+        "imagenet".as_ref(),
+    ]);
+    assert!(ok, "convert failed:\n{stdout}\n{stderr}");
+    let Some(run) = run_846(weights) else { return };
+    let accuracy = check_against_reference(&run, "paper_logits");
+    assert!(accuracy >= 0.932, "accuracy {accuracy}");
+}

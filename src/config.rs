@@ -179,6 +179,30 @@ pub struct ServeArgs {
     /// Never download weights: fail when the weights file is missing.
     #[arg(long, env = "RESNET_OFFLINE", value_parser = clap::builder::BoolishValueParser::new())]
     pub offline: bool,
+
+    /// Require `Authorization: Bearer <key>` on every route but the health probes,
+    /// `/openapi.yaml` and (unless --metrics-require-auth) `/metrics`.
+    #[arg(
+        long,
+        env = "RESNET_API_KEY",
+        hide_env_values = true,
+        conflicts_with = "api_key_file"
+    )]
+    pub api_key: Option<String>,
+
+    /// Like --api-key, the key read from this file (a mounted secret; one trailing newline is
+    /// dropped).
+    #[arg(long, env = "RESNET_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+
+    /// With an API key, require it on `/metrics` too.
+    #[arg(long, env = "RESNET_METRICS_REQUIRE_AUTH", value_parser = clap::builder::BoolishValueParser::new())]
+    pub metrics_require_auth: bool,
+
+    /// Answer browsers from these origins with CORS headers: comma-separated origins
+    /// (`https://app.example,http://localhost:3000`) or `*`. Off by default.
+    #[arg(long, env = "RESNET_CORS_ALLOW_ORIGIN")]
+    pub cors_allow_origin: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -61,6 +61,13 @@ fn init_tracing(format: LogFormat) {
 fn serve(args: &ServeArgs, weights_explicit: bool) -> anyhow::Result<()> {
     use resnet_serve::{http::types::ModelInfo, model::Model, server};
 
+    let access = resnet_serve::http::auth::AccessConfig::from_args(args)?;
+    tracing::info!(
+        api_key = access.api_key.is_some(),
+        metrics_require_auth = access.metrics_require_auth,
+        cors = ?access.cors,
+        "access control"
+    );
     server::ensure_weights(&args.model.weights, weights_explicit, args.offline)?;
     let model = Model::load(&args.model)?;
     let info = ModelInfo::from_model(&model);
@@ -82,7 +89,10 @@ fn serve(args: &ServeArgs, weights_explicit: bool) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {}:{}", args.host, args.port))?;
         tracing::info!(address = %listener.local_addr()?, "listening");
-        let config = server::ServerConfig::from_args(args);
+        let config = server::ServerConfig {
+            access,
+            ..server::ServerConfig::from_args(args)
+        };
         server::run(
             listener,
             model,

@@ -12,6 +12,7 @@ use tokio::sync::Semaphore;
 
 use crate::batcher::{BatchPolicy, Batcher, BatcherConfig, Classifier};
 use crate::config::{FetchArgs, ServeArgs};
+use crate::http::auth::AccessConfig;
 use crate::http::types::ModelInfo;
 use crate::http::{router, AppState};
 use crate::metrics::Metrics;
@@ -30,6 +31,8 @@ pub struct ServerConfig {
     pub max_image_pixels: u64,
     /// Most images in one `/classify/batch` request.
     pub max_images_per_request: usize,
+    /// API key and CORS; open by default. Not from [`ServerConfig::from_args`]: it reads a file.
+    pub access: AccessConfig,
 }
 
 impl Default for ServerConfig {
@@ -43,6 +46,7 @@ impl Default for ServerConfig {
             max_body_bytes: 20 * 1024 * 1024,
             max_image_pixels: 40_000_000,
             max_images_per_request: 64,
+            access: AccessConfig::default(),
         }
     }
 }
@@ -59,6 +63,7 @@ impl ServerConfig {
             max_body_bytes: args.max_body_bytes,
             max_image_pixels: args.max_image_pixels,
             max_images_per_request: max_batch_size,
+            access: AccessConfig::default(),
         }
     }
 }

@@ -20,6 +20,7 @@ fn config() -> ServerConfig {
         max_body_bytes: 1 << 20,
         max_image_pixels: 1 << 20,
         max_images_per_request: 8,
+        ..ServerConfig::default()
     }
 }
 

@@ -139,6 +139,7 @@ fn the_error_schema_lists_every_error_code() {
         .collect();
     let every_error = [
         ApiError::BadRequest(String::new()),
+        ApiError::Unauthorized(String::new()),
         ApiError::NotFound(String::new()),
         ApiError::MethodNotAllowed {
             method: String::new(),

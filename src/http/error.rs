@@ -20,6 +20,8 @@ pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
     NotFound(String),
     #[error("method {method} is not allowed on {path}; allowed: {}", allowed.join(", "))]
     MethodNotAllowed {
@@ -63,6 +65,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -78,6 +81,7 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::BadRequest(_) => "bad_request",
+            Self::Unauthorized(_) => "unauthorized",
             Self::NotFound(_) => "not_found",
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::PayloadTooLarge(_) => "payload_too_large",
@@ -137,6 +141,10 @@ impl IntoResponse for ApiError {
             Self::Overloaded { .. } => {
                 Some((header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS)))
             }
+            Self::Unauthorized(_) => Some((
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"Bearer realm="resnet-serve""#),
+            )),
             Self::MethodNotAllowed { allowed, .. } => HeaderValue::from_str(&allowed.join(", "))
                 .ok()
                 .map(|v| (header::ALLOW, v)),
@@ -200,6 +208,7 @@ mod tests {
     fn every_error_has_its_status_and_code() {
         let cases = [
             (ApiError::BadRequest("x".into()), 400, "bad_request"),
+            (ApiError::Unauthorized("x".into()), 401, "unauthorized"),
             (
                 ApiError::PayloadTooLarge("x".into()),
                 413,

@@ -1,6 +1,8 @@
 //! The HTTP API: shared state, the one list of endpoints, and the router built from it with
 //! request ids, tracing, body limits and request metrics.
 
+pub mod auth;
+pub mod cors;
 pub mod error;
 pub mod routes;
 pub mod types;
@@ -135,6 +137,11 @@ pub fn router(state: AppState) -> Router {
                     state.clone(),
                     record_request_metrics,
                 ))
+                .option_layer(state.config.access.cors.layer())
+                .option_layer(state.config.access.api_key.as_ref().map(|_| {
+                    let access = Arc::new(state.config.access.clone());
+                    middleware::from_fn_with_state(access, auth::require_api_key)
+                }))
                 .layer(DefaultBodyLimit::max(state.config.max_body_bytes)),
         )
         .with_state(state)

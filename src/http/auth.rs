@@ -256,23 +256,30 @@ mod tests {
     fn a_key_file_loses_its_trailing_newline_only() {
         let dir = std::env::temp_dir().join(format!("resnet-auth-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let cases: [(&str, &[u8], Option<&[u8]>); 5] = [
-            ("plain", b"abc", Some(b"abc")),
-            ("lf", b"abc\n", Some(b"abc")),
-            ("crlf", b"abc\r\n", Some(b"abc")),
-            ("empty", b"", None),
-            ("newline-only", b"\n", None),
+        // (file name, content, the key it holds; "" = refused as empty)
+        let cases = [
+            ("plain", "abc", "abc"),
+            ("lf", "abc\n", "abc"),
+            ("crlf", "abc\r\n", "abc"),
+            ("empty", "", ""),
+            ("newline-only", "\n", ""),
         ];
         for (name, content, key) in cases {
             let path = dir.join(name);
             std::fs::write(&path, content).unwrap();
             let loaded = ApiKey::from_file(&path);
-            match key {
-                Some(key) => assert!(loaded.unwrap().matches(key), "{name}"),
-                None => assert!(
+            if key.is_empty() {
+                assert!(
                     matches!(loaded, Err(AccessError::EmptyKey { .. })),
                     "{name}"
-                ),
+                );
+            } else {
+                let loaded = loaded.unwrap();
+                assert!(loaded.matches(key.as_bytes()), "{name}");
+                assert!(
+                    !loaded.matches(content.as_bytes()) || content == key,
+                    "{name}"
+                );
             }
         }
         let missing = ApiKey::from_file(&dir.join("missing"));

@@ -68,6 +68,9 @@ fn serve(args: &ServeArgs, weights_explicit: bool) -> anyhow::Result<()> {
         cors = ?access.cors,
         "access control"
     );
+    if access.metrics_require_auth && access.api_key.is_none() {
+        tracing::warn!("--metrics-require-auth has no effect without --api-key or --api-key-file");
+    }
     server::ensure_weights(&args.model.weights, weights_explicit, args.offline)?;
     let model = Model::load(&args.model)?;
     let info = ModelInfo::from_model(&model);

@@ -216,6 +216,21 @@ fn the_key_can_come_from_a_mounted_file() {
     let both = Cli::try_parse_from(["resnet-serve", "--api-key", KEY, "--api-key-file", path]);
     assert!(both.is_err(), "--api-key and --api-key-file together");
     assert!(serve_access(&[]).unwrap().api_key.is_none());
+
+    // The binary stops before anything else, naming the problem.
+    let (ok, _, stderr) = common::run_cli(&[
+        "serve".as_ref(),
+        "--api-key-file".as_ref(),
+        file.as_os_str(),
+        "--offline".as_ref(),
+        "--weights".as_ref(),
+        dir.join("no-weights.safetensors").as_os_str(),
+    ]);
+    assert!(!ok, "an empty key file must stop the server");
+    assert!(
+        stderr.contains("API key") && stderr.contains("empty"),
+        "{stderr}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -5,7 +5,7 @@
 # succeed: a schema cannot say which bytes are a decodable image, nor that `top_k` stops at the
 # served model's number of classes, so the documented 400/415/422 answers would count as failures.
 #
-#   scripts/schemathesis.sh [extra schemathesis arguments]
+#   scripts/schemathesis.sh [extra schemathesis arguments, run from target/]
 #
 # Environment: RESNET_SHARED_DIR (default ../shared), SCHEMATHESIS_MAX_EXAMPLES (default 50),
 # SCHEMATHESIS_MAX_TIME (seconds for the whole run, default 90).
@@ -56,7 +56,9 @@ done
 ready || { echo "schemathesis.sh: the server never became ready; its log:" >&2; cat "$log" >&2; exit 2; }
 
 status=0
-timeout "${SCHEMATHESIS_MAX_TIME:-90}" "$venv/bin/schemathesis" run "$base/openapi.yaml" \
+# From target/, where schemathesis keeps its cache (.schemathesis/).
+cd target
+timeout "${SCHEMATHESIS_MAX_TIME:-90}" "../$venv/bin/schemathesis" run "$base/openapi.yaml" \
     --url "$base" \
     --header "Authorization: Bearer $key" \
     --checks all \

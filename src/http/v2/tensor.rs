@@ -227,10 +227,12 @@ pub fn parse_inputs(
 ) -> Result<Batch, ApiError> {
     let input = match request.inputs.as_slice() {
         [one] => one,
-        inputs => return Err(bad(format!(
+        inputs => {
+            return Err(bad(format!(
             "expected exactly one input (`{INPUT_PIXELS}` FP32 or `{INPUT_IMAGES}` BYTES), got {}",
             inputs.len()
-        ))),
+        )))
+        }
     };
     let batch = match input.name.as_str() {
         INPUT_PIXELS => {

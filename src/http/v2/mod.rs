@@ -294,3 +294,42 @@ fn answer(
     headers.insert(HEADER_LENGTH, length);
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn parts(error: ApiError) -> (u16, HeaderMap, V2ErrorBody) {
+        let response = V2Error(error).into_response();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (status, headers, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn errors_keep_the_api_status_and_headers_in_the_protocol_shape() {
+        let (status, headers, body) = parts(ApiError::Overloaded { capacity: 3 }).await;
+        assert_eq!(status, 429);
+        assert_eq!(headers[header::RETRY_AFTER], "1");
+        assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+        assert!(body.error.contains("queue is full"), "{}", body.error);
+        let (status, _, body) = parts(ApiError::BadRequest("shape [2]".into())).await;
+        assert_eq!((status, body.error.as_str()), (400, "shape [2]"));
+        let (status, _, _) = parts(ApiError::NotReady).await;
+        assert_eq!(status, 503);
+    }
+
+    #[test]
+    fn parametrised_routes_match_one_segment() {
+        use crate::http::Endpoint;
+        let at = |p: &str| Endpoint::at(p).collect::<Vec<_>>();
+        assert_eq!(at("/v2/models/m/infer"), [Endpoint::V2Infer]);
+        assert_eq!(at("/v2/models/m"), [Endpoint::V2Model]);
+        assert!(at("/v2/models//infer").is_empty());
+        assert!(at("/v2/models/m/x/infer").is_empty());
+        assert_eq!(at("/v2"), [Endpoint::V2Server]);
+    }
+}

@@ -6,6 +6,7 @@ pub mod cors;
 pub mod error;
 pub mod routes;
 pub mod types;
+pub mod v2;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -53,10 +54,16 @@ pub enum Endpoint {
     Metrics,
     Model,
     OpenApi,
+    V2Server,
+    V2Live,
+    V2Ready,
+    V2Model,
+    V2ModelReady,
+    V2Infer,
 }
 
 impl Endpoint {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 13] = [
         Self::Classify,
         Self::ClassifyBatch,
         Self::Live,
@@ -64,6 +71,12 @@ impl Endpoint {
         Self::Metrics,
         Self::Model,
         Self::OpenApi,
+        Self::V2Server,
+        Self::V2Live,
+        Self::V2Ready,
+        Self::V2Model,
+        Self::V2ModelReady,
+        Self::V2Infer,
     ];
 
     pub fn path(self) -> &'static str {
@@ -75,12 +88,18 @@ impl Endpoint {
             Self::Metrics => "/metrics",
             Self::Model => "/v1/model",
             Self::OpenApi => "/openapi.yaml",
+            Self::V2Server => "/v2",
+            Self::V2Live => "/v2/health/live",
+            Self::V2Ready => "/v2/health/ready",
+            Self::V2Model => "/v2/models/{model_name}",
+            Self::V2ModelReady => "/v2/models/{model_name}/ready",
+            Self::V2Infer => "/v2/models/{model_name}/infer",
         }
     }
 
     pub fn method(self) -> Method {
         match self {
-            Self::Classify | Self::ClassifyBatch => Method::POST,
+            Self::Classify | Self::ClassifyBatch | Self::V2Infer => Method::POST,
             _ => Method::GET,
         }
     }
@@ -94,12 +113,29 @@ impl Endpoint {
             Self::Metrics => get(routes::metrics),
             Self::Model => get(routes::model),
             Self::OpenApi => get(routes::openapi),
+            Self::V2Server => get(v2::server_metadata),
+            Self::V2Live => get(v2::live),
+            Self::V2Ready => get(v2::ready),
+            Self::V2Model => get(v2::model_metadata),
+            Self::V2ModelReady => get(v2::model_ready),
+            Self::V2Infer => post(v2::infer),
         }
     }
 
-    /// The endpoints at `path`.
+    /// The endpoints whose path template (`{name}` matching one segment) matches `path`.
     pub fn at(path: &str) -> impl Iterator<Item = Self> + '_ {
-        Self::ALL.into_iter().filter(move |e| e.path() == path)
+        Self::ALL.into_iter().filter(move |e| e.matches(path))
+    }
+
+    fn matches(self, path: &str) -> bool {
+        let (mut template, mut actual) = (self.path().split('/'), path.split('/'));
+        loop {
+            match (template.next(), actual.next()) {
+                (None, None) => return true,
+                (Some(t), Some(a)) if t == a || (t.starts_with('{') && !a.is_empty()) => {}
+                _ => return false,
+            }
+        }
     }
 }
 
@@ -153,9 +189,8 @@ async fn record_request_metrics(
     request: Request,
     next: Next,
 ) -> Response {
-    let route = Endpoint::ALL
-        .into_iter()
-        .find(|e| e.path() == request.uri().path())
+    let route = Endpoint::at(request.uri().path())
+        .next()
         .map_or("unmatched", Endpoint::path);
     let started = Instant::now();
     let response = next.run(request).await;

@@ -160,13 +160,13 @@ pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     }
 }
 
-fn duration_ms(d: std::time::Duration) -> u64 {
+pub(super) fn duration_ms(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Classify requests are refused only before the model is warm; while draining, requests
 /// that reached a handler are still served.
-fn ensure_accepting(state: &AppState) -> Result<(), ApiError> {
+pub(super) fn ensure_accepting(state: &AppState) -> Result<(), ApiError> {
     match state.readiness.phase() {
         Phase::Starting => Err(ApiError::NotReady),
         Phase::Ready | Phase::Draining => Ok(()),
@@ -175,7 +175,7 @@ fn ensure_accepting(state: &AppState) -> Result<(), ApiError> {
 
 /// Runs `work` until `deadline`: reading the body, decoding, queueing and the forward pass
 /// all count against it.
-async fn within<T>(
+pub(super) async fn within<T>(
     state: &AppState,
     deadline: Instant,
     work: impl std::future::Future<Output = Result<T, ApiError>>,
@@ -253,6 +253,20 @@ async fn classify_images(
     params: &ClassifyParams,
     deadline: Instant,
 ) -> Result<Vec<Classification>, ApiError> {
+    let logits = image_logits(state, images, deadline).await?;
+    let classes = state.model.num_classes;
+    Ok(logits
+        .chunks_exact(classes)
+        .map(|row| Classification::from_logits(row, &state.model.labels, params))
+        .collect())
+}
+
+/// Admits, decodes and queues `images`: their logits, `classes` per image, in order.
+pub(super) async fn image_logits(
+    state: &AppState,
+    images: Vec<Bytes>,
+    deadline: Instant,
+) -> Result<Vec<f32>, ApiError> {
     let timeout_ms = duration_ms(state.config.request_timeout);
     let n = images.len();
     // Slots first: a full queue is refused before any decoding work.
@@ -280,14 +294,9 @@ async fn classify_images(
     })
     .await
     .map_err(|e| ApiError::Internal(format!("image decoding failed: {e}")))??;
-    let logits = state
+    state
         .batcher
         .submit(admission, pixels, deadline)
         .await
-        .map_err(|e| ApiError::from_batch(e, timeout_ms))?;
-    let classes = state.model.num_classes;
-    Ok(logits
-        .chunks_exact(classes)
-        .map(|row| Classification::from_logits(row, &state.model.labels, params))
-        .collect())
+        .map_err(|e| ApiError::from_batch(e, timeout_ms))
 }

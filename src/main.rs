@@ -83,11 +83,12 @@ fn serve(args: &ServeArgs, weights_explicit: bool) -> anyhow::Result<()> {
             .with_context(|| format!("binding {}:{}", args.host, args.port))?;
         tracing::info!(address = %listener.local_addr()?, "listening");
         let config = server::ServerConfig::from_args(args);
-        server::run(
+        server::run_with_limits(
             listener,
             model,
             info,
             config,
+            resnet_serve::connections::ConnectionLimits::from_args(args),
             resnet_serve::shutdown::signal(),
         )
         .await?;

@@ -2,6 +2,7 @@
 //! request ids, tracing, body limits and request metrics.
 
 pub mod error;
+pub mod limits;
 pub mod routes;
 pub mod types;
 
@@ -134,6 +135,10 @@ pub fn router(state: AppState) -> Router {
                 .layer(middleware::from_fn_with_state(
                     state.clone(),
                     record_request_metrics,
+                ))
+                .layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    limits::refuse_declared_oversize,
                 ))
                 .layer(DefaultBodyLimit::max(state.config.max_body_bytes)),
         )

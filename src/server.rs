@@ -185,7 +185,7 @@ pub async fn run_with_limits<M: Classifier>(
     let (batcher, batcher_task, warmed_up) =
         Batcher::start(model, batcher_config, metrics.batch(), readiness.clone())
             .map_err(ServerError::Spawn)?;
-    let decoders = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let decoders = crate::http::limits::decode_slots() as usize;
     let app = router(AppState {
         batcher,
         model: Arc::new(info),

@@ -79,7 +79,10 @@ mod tests {
         assert_eq!(decode_permits(&[small.clone(), small.clone()], 1 << 30), 1);
         // 3000x3000 = 9 M pixels: three slots' worth, if the machine has them.
         let large = png(3000, 3000);
-        assert_eq!(decode_permits(&[large.clone()], 1 << 30), 3.min(slots));
+        assert_eq!(
+            decode_permits(std::slice::from_ref(&large), 1 << 30),
+            3.min(slots)
+        );
         // Over the pixel limit: refused from the header, so it weighs nothing.
         assert_eq!(decode_permits(&[large, small], 1_000_000), 1);
         assert_eq!(

@@ -172,6 +172,19 @@ pub struct ServeArgs {
     #[arg(long, env = "RESNET_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
     pub max_image_pixels: u64,
 
+    /// Open connections served at once; further clients wait in the accept backlog.
+    #[arg(long, env = "RESNET_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Deadline for a request's headers, from when the server starts waiting for them (a new
+    /// or idle kept-alive connection); past it the connection is closed.
+    #[arg(long, env = "RESNET_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_read_timeout_ms: u64,
+
+    /// On SIGTERM/SIGINT, how long open connections may take to finish before they are closed.
+    #[arg(long, env = "RESNET_SHUTDOWN_TIMEOUT_MS", default_value_t = 30_000)]
+    pub shutdown_timeout_ms: u64,
+
     /// Log format.
     #[arg(long, env = "RESNET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

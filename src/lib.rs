@@ -8,12 +8,14 @@
 //! - [`http`]: the routes, their request and response types, and the one error type.
 //! - [`metrics`]: the Prometheus metrics of the contract, one registry per server.
 //! - [`shutdown`]: readiness and the signals that start a graceful shutdown.
+//! - [`connections`]: accepting connections: the connection cap, header timeout, bounded drain.
 //! - [`server`]: server configuration, first-run weights, and `run(listener, ..., shutdown)`.
 //! - [`cli`]: the offline subcommands `eval` and `bench`.
 
 pub mod batcher;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod http;
 pub mod metrics;
 pub mod model;

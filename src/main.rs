@@ -96,11 +96,12 @@ fn serve(args: &ServeArgs, weights_explicit: bool) -> anyhow::Result<()> {
             access,
             ..server::ServerConfig::from_args(args)
         };
-        server::run(
+        server::run_with_limits(
             listener,
             model,
             info,
             config,
+            resnet_serve::connections::ConnectionLimits::from_args(args),
             resnet_serve::shutdown::signal(),
         )
         .await?;

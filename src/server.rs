@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::batcher::{BatchPolicy, Batcher, BatcherConfig, Classifier};
 use crate::config::{FetchArgs, ServeArgs};
+use crate::connections::{self, ConnectionLimits};
 use crate::http::auth::AccessConfig;
 use crate::http::types::ModelInfo;
 use crate::http::{router, AppState};
@@ -64,6 +64,17 @@ impl ServerConfig {
             max_image_pixels: args.max_image_pixels,
             max_images_per_request: max_batch_size,
             access: AccessConfig::default(),
+        }
+    }
+}
+
+impl ConnectionLimits {
+    /// From `serve`'s flags.
+    pub fn from_args(args: &ServeArgs) -> Self {
+        Self {
+            max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+            header_read_timeout: Duration::from_millis(args.header_read_timeout_ms),
+            shutdown_timeout: Duration::from_millis(args.shutdown_timeout_ms),
         }
     }
 }
@@ -146,6 +157,26 @@ pub async fn run<M: Classifier>(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    run_with_limits(
+        listener,
+        model,
+        info,
+        config,
+        ConnectionLimits::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// [`run`] with the given connection cap, header timeout and drain bound.
+pub async fn run_with_limits<M: Classifier>(
+    listener: TcpListener,
+    model: M,
+    info: ModelInfo,
+    config: ServerConfig,
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
     let readiness = Readiness::new();
     let metrics = Arc::new(Metrics::new(config.max_batch_size, info.metric_labels())?);
     let batcher_config = BatcherConfig {
@@ -159,7 +190,7 @@ pub async fn run<M: Classifier>(
     let (batcher, batcher_task, warmed_up) =
         Batcher::start(model, batcher_config, metrics.batch(), readiness.clone())
             .map_err(ServerError::Spawn)?;
-    let decoders = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let decoders = crate::http::limits::decode_slots() as usize;
     let app = router(AppState {
         batcher,
         model: Arc::new(info),
@@ -190,18 +221,10 @@ pub async fn run<M: Classifier>(
         }
         drain_readiness.set_draining();
     };
-    let listener = listener.tap_io(|stream| {
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(stop)
-        .await;
+    connections::serve(listener, app, limits, stop).await;
     // Every handler (and with it every queue sender) is gone: the queue drains and closes.
     batcher_task.finish().await;
     upkeep.abort();
-    served?;
     if let Ok(e) = failure_rx.await {
         return Err(ServerError::WarmUp(e));
     }

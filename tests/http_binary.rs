@@ -168,3 +168,348 @@ fn an_explicit_missing_weights_file_is_an_error_not_a_download() {
         assert!(!stderr.contains("download"), "{stderr}");
     }
 }
+
+/// A running `serve` with JSON logs on an ephemeral port: the child and its base URL.
+#[cfg(unix)]
+struct RunningServer {
+    child: std::process::Child,
+    base: String,
+}
+
+#[cfg(unix)]
+impl RunningServer {
+    /// Starts the binary with the seed-random weights and `extra` flags; waits until ready.
+    fn start(extra: &[&str]) -> Option<Self> {
+        let weights = common::shared_file("models/resnet56-seed-random.safetensors")?;
+        let mut child = resnet_serve()
+            .args([
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--log-format",
+                "json",
+            ])
+            .arg("--weights")
+            .arg(&weights)
+            .args(extra)
+            .env("RUST_LOG", "warn,resnet_serve=info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (address_tx, address_rx) = std::sync::mpsc::channel::<String>();
+        // Keeps draining the log so the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(entry) = serde_json::from_str::<Value>(&line) {
+                    if entry["fields"]["message"] == "listening" {
+                        let _ = address_tx.send(entry["fields"]["address"].as_str()?.to_owned());
+                    }
+                }
+            }
+            Some(())
+        });
+        let address = address_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the server logs its address");
+        let server = Self {
+            child,
+            base: format!("http://{address}"),
+        };
+        let http = client();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while http
+            .get(format!("{}/health/ready", server.base))
+            .send()
+            .map_or(true, |r| r.status() != 200)
+        {
+            assert!(std::time::Instant::now() < deadline, "never ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(server)
+    }
+
+    fn address(&self) -> &str {
+        self.base.trim_start_matches("http://")
+    }
+
+    /// A line of /proc/PID/status in KiB, e.g. `VmHWM`.
+    fn memory_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc status"))
+    }
+
+    fn terminate(&self) {
+        let killed = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+    }
+}
+
+#[cfg(unix)]
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A PNG chunk: length, type, data, CRC-32 over type and data.
+fn png_chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &byte in kind.iter().chain(data) {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    let mut chunk = u32::try_from(data.len()).unwrap().to_be_bytes().to_vec();
+    chunk.extend_from_slice(kind);
+    chunk.extend_from_slice(data);
+    chunk.extend_from_slice(&(!crc).to_be_bytes());
+    chunk
+}
+
+/// A PNG of a few hundred bytes whose header declares `width` x `height` RGB pixels.
+fn png_declaring(width: u32, height: u32) -> Vec<u8> {
+    let mut ihdr = width.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&height.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(png_chunk(b"IHDR", &ihdr));
+    // A stored (uncompressed) zlib stream of a few zero bytes: far too short for the image.
+    png.extend(png_chunk(
+        b"IDAT",
+        &[
+            0x78, 0x01, 0x01, 0x04, 0x00, 0xfb, 0xff, 0, 0, 0, 0, 0, 0x04, 0, 0x01,
+        ],
+    ));
+    png.extend(png_chunk(b"IEND", &[]));
+    png
+}
+
+/// Reads what the server sends until it closes the connection or `limit` passes.
+#[cfg(unix)]
+fn read_response(stream: &mut std::net::TcpStream, limit: Duration) -> String {
+    use std::io::Read;
+    stream.set_read_timeout(Some(limit)).unwrap();
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        received.extend_from_slice(&buf[..n]);
+        if received.windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+#[cfg(unix)]
+#[test]
+fn huge_bodies_are_refused_unread_and_bombs_keep_peak_memory_far_below_1_gib() {
+    use std::io::Write;
+    const MAX_BODY: usize = 2 << 20;
+    // A long deadline: on a small machine a 36 M pixel decode takes seconds, and cheap refusals
+    // wait for a decode slot behind the large ones.
+    let Some(server) = RunningServer::start(&[
+        "--max-body-bytes",
+        &MAX_BODY.to_string(),
+        "--request-timeout-ms",
+        "120000",
+    ]) else {
+        return;
+    };
+
+    // A declared gigabyte: 413 before a byte of the body is sent.
+    let mut stream = std::net::TcpStream::connect(server.address()).unwrap();
+    let started = std::time::Instant::now();
+    stream
+        .write_all(
+            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n\
+              Content-Length: 1073741824\r\n\r\n",
+        )
+        .unwrap();
+    let response = read_response(&mut stream, Duration::from_secs(10));
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    eprintln!("declared 1 GiB body: 413 after {:?}", started.elapsed());
+
+    // A chunked body streamed past the limit is cut off with 413.
+    let mut stream = std::net::TcpStream::connect(server.address()).unwrap();
+    stream
+        .write_all(
+            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n\
+              Transfer-Encoding: chunked\r\n\r\n",
+        )
+        .unwrap();
+    let chunk = [
+        format!("{:x}\r\n", 64 << 10).into_bytes(),
+        vec![0u8; 64 << 10],
+        b"\r\n".to_vec(),
+    ]
+    .concat();
+    let mut sent = 0;
+    // Writing fails once the server has answered and closed; stop well short of unbounded.
+    while sent < 64 * MAX_BODY && stream.write_all(&chunk).is_ok() {
+        sent += 64 << 10;
+    }
+    let response = read_response(&mut stream, Duration::from_secs(10));
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert!(
+        sent < 64 * MAX_BODY,
+        "the server read {sent} bytes without refusing"
+    );
+    eprintln!("chunked body: 413 after {} KiB sent", sent >> 10);
+
+    // 20 at once: sixteen headers declaring 50000x50000 (413 undecoded) and four legal
+    // 6000x6000 PNGs (36 M pixels, under the 40 M limit: decoded, a few hundred KiB compressed).
+    let bomb = png_declaring(50_000, 50_000);
+    let big = {
+        let image = image::RgbImage::new(6000, 6000);
+        let mut out = std::io::Cursor::new(Vec::new());
+        image.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    };
+    assert!(big.len() < MAX_BODY, "{} bytes", big.len());
+    let rss_before = server.memory_kib("VmRSS");
+    let started = std::time::Instant::now();
+    let statuses: Vec<(usize, u16)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..20)
+            .map(|i| {
+                let body = if i % 5 == 0 { &big } else { &bomb };
+                let url = format!("{}/classify", server.base);
+                scope.spawn(move || {
+                    let r = client()
+                        .post(url)
+                        .header("content-type", "image/png")
+                        .body(body.clone())
+                        .send()
+                        .unwrap();
+                    (i, r.status().as_u16())
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    for (i, status) in statuses {
+        let expected = if i % 5 == 0 { 200 } else { 413 };
+        assert_eq!(status, expected, "image {i}");
+    }
+    let peak = server.memory_kib("VmHWM");
+    eprintln!(
+        "20 images answered in {:?}; RSS before {} MiB, peak (VmHWM) {} MiB, bomb {} B, \
+         6000x6000 PNG {} KiB",
+        started.elapsed(),
+        rss_before >> 10,
+        peak >> 10,
+        bomb.len(),
+        big.len() >> 10
+    );
+    assert!(peak < 1 << 20, "peak RSS {} MiB", peak >> 10);
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_under_load_answers_every_accepted_request_and_exits_0() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let Some(mut server) = RunningServer::start(&["--shutdown-timeout-ms", "20000"]) else {
+        return;
+    };
+    let png = solid_png([30, 120, 240]);
+    let url = format!("{}/classify", server.base);
+    let terminated = AtomicBool::new(false);
+    let completed = std::sync::atomic::AtomicUsize::new(0);
+    // (sent after SIGTERM, outcome): a status, or a transport error.
+    type Outcome = (bool, bool, Result<u16, String>);
+    let (outcomes, exit, waited) = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..16)
+            .map(|_| {
+                let (url, png, terminated, completed) = (&url, &png, &terminated, &completed);
+                scope.spawn(move || {
+                    // A connection per request: what the server accepted, it must answer.
+                    let http = reqwest::blocking::Client::builder()
+                        .timeout(Duration::from_secs(60))
+                        .pool_max_idle_per_host(0)
+                        .build()
+                        .unwrap();
+                    let mut outcomes: Vec<Outcome> = Vec::new();
+                    loop {
+                        let sent_after = terminated.load(Ordering::Acquire);
+                        let outcome = http
+                            .post(url)
+                            .header("content-type", "image/png")
+                            .body(png.clone())
+                            .send()
+                            .and_then(|r| {
+                                let status = r.status().as_u16();
+                                r.bytes().map(|_| status)
+                            })
+                            .map_err(|e| format!("{e:?}"));
+                        let answered_after = terminated.load(Ordering::Acquire);
+                        let failed = outcome.is_err();
+                        completed.fetch_add(1, Ordering::AcqRel);
+                        outcomes.push((sent_after, answered_after, outcome));
+                        if failed && answered_after {
+                            return outcomes;
+                        }
+                    }
+                })
+            })
+            .collect();
+        // Under load for a while: two rounds of every client answered.
+        let loaded = std::time::Instant::now();
+        while completed.load(Ordering::Acquire) < 32 {
+            assert!(loaded.elapsed() < Duration::from_secs(60), "no load");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        server.terminate();
+        terminated.store(true, Ordering::Release);
+        let stopping = std::time::Instant::now();
+        let exit = server.child.wait().unwrap();
+        let waited = stopping.elapsed();
+        let outcomes: Vec<Outcome> = clients
+            .into_iter()
+            .flat_map(|c| c.join().unwrap())
+            .collect();
+        (outcomes, exit, waited)
+    });
+    assert!(exit.success(), "exit status {exit}");
+    assert!(waited < Duration::from_secs(25), "took {waited:?} to stop");
+    let before: Vec<_> = outcomes.iter().filter(|o| !o.1).collect();
+    let across = outcomes
+        .iter()
+        .filter(|o| !o.0 && o.1 && o.2 == Ok(200))
+        .count();
+    let refused = outcomes.iter().filter(|o| o.2.is_err()).count();
+    for (sent_after, answered_after, outcome) in &outcomes {
+        match outcome {
+            Ok(200) => {}
+            Ok(503) => assert!(*answered_after, "503 before SIGTERM"),
+            Ok(status) => panic!("status {status} (sent after SIGTERM: {sent_after})"),
+            // Only once the server stops accepting: refused or reset before being read.
+            Err(e) => assert!(*answered_after, "a request failed before SIGTERM: {e}"),
+        }
+    }
+    eprintln!(
+        "{} requests before SIGTERM (all 200), {across} in flight at SIGTERM answered 200, \
+         {refused} refused after; exit 0 after {waited:?}",
+        before.len()
+    );
+    assert!(!before.is_empty());
+    assert!(across > 0, "no request was in flight at SIGTERM");
+}

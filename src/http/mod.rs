@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod cors;
 pub mod error;
+pub mod limits;
 pub mod routes;
 pub mod types;
 pub mod v2;
@@ -178,6 +179,10 @@ pub fn router(state: AppState) -> Router {
                     let access = Arc::new(state.config.access.clone());
                     middleware::from_fn_with_state(access, auth::require_api_key)
                 }))
+                .layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    limits::refuse_declared_oversize,
+                ))
                 .layer(DefaultBodyLimit::max(state.config.max_body_bytes)),
         )
         .with_state(state)

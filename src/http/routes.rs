@@ -274,10 +274,14 @@ pub(super) async fn image_logits(
         .batcher
         .admit(n)
         .map_err(|e| ApiError::from_batch(e, timeout_ms))?;
+    // Large images take more of the decode slots (the semaphore holds `limits::decode_slots()`).
     let decode_slot = state
         .decode_slots
         .clone()
-        .acquire_owned()
+        .acquire_many_owned(super::limits::decode_permits(
+            &images,
+            state.config.max_image_pixels,
+        ))
         .await
         .map_err(|e| ApiError::Internal(format!("decoder pool closed: {e}")))?;
     let (mean, std) = (state.model.mean, state.model.std);

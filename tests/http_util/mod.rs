@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use resnet_serve::batcher::{Classifier, ForwardError};
 use resnet_serve::config::{DeviceChoice, EngineChoice, ModelArgs, SimdChoice};
+use resnet_serve::connections::ConnectionLimits;
 use resnet_serve::http::types::ModelInfo;
 use resnet_serve::model::Model;
 use resnet_serve::server::{self, ServerConfig, ServerError};
@@ -26,6 +27,15 @@ pub struct TestServer {
 
 impl TestServer {
     pub fn start<M: Classifier>(model: M, info: ModelInfo, config: ServerConfig) -> Self {
+        Self::start_with_limits(model, info, config, ConnectionLimits::default())
+    }
+
+    pub fn start_with_limits<M: Classifier>(
+        model: M,
+        info: ModelInfo,
+        config: ServerConfig,
+        limits: ConnectionLimits,
+    ) -> Self {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -40,7 +50,7 @@ impl TestServer {
                 let shutdown = async {
                     let _ = stop_rx.await;
                 };
-                server::run(listener, model, info, config, shutdown).await
+                server::run_with_limits(listener, model, info, config, limits, shutdown).await
             })
         });
         let addr = addr_rx.recv().expect("the server binds");

@@ -2,11 +2,14 @@
 //! limit is refused before any of it is read, and concurrent decoding is bounded by pixels as
 //! well as by cores, so that many large legal images at once cannot exhaust memory.
 
-use axum::body::Bytes;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
 
 use super::error::ApiError;
 use super::AppState;
@@ -25,6 +28,7 @@ pub async fn refuse_declared_oversize(
         .and_then(|v| v.trim().parse::<u64>().ok());
     match declared {
         Some(length) if length > u64::try_from(limit).unwrap_or(u64::MAX) => {
+            tokio::spawn(linger(request.into_body()));
             ApiError::PayloadTooLarge(format!(
                 "the request body declares {length} bytes; the limit is {limit}"
             ))
@@ -32,6 +36,28 @@ pub async fn refuse_declared_oversize(
         }
         _ => next.run(request).await,
     }
+}
+
+/// Most bytes of a refused body read and discarded after the 413 is sent.
+const LINGER_BYTES: usize = 8 << 20;
+/// Longest time a refused body is read and discarded after the 413 is sent.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// Lingering read of a refused body: a client still sending would otherwise meet a connection
+/// reset before it reads the 413. Discards chunk by chunk (nothing is kept), bounded in bytes and
+/// time, after which the connection is closed.
+async fn linger(body: Body) {
+    let mut body = body;
+    let mut discarded = 0usize;
+    let drain = async {
+        while let Some(Ok(frame)) = body.frame().await {
+            discarded += frame.data_ref().map_or(0, |d| d.len());
+            if discarded > LINGER_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }
 
 /// Declared pixels one decode slot stands for: a slot's share of decoding memory is about this

@@ -3,6 +3,7 @@
 
 pub mod candle;
 pub mod convert;
+pub mod fast;
 pub mod fetch;
 pub mod spec;
 pub mod weights;
@@ -34,12 +35,15 @@ pub enum ModelError {
     },
     #[error("building the model: {0}")]
     Build(#[from] candle_core::Error),
+    #[error("fast CPU engine: {0}")]
+    Fast(#[from] fast::FastError),
 }
 
 /// Which forward-pass implementation a [`Model`] runs.
 #[derive(Debug)]
 enum Engine {
     Candle(candle::CandleResNet),
+    Fast(fast::FastResNet),
 }
 
 /// A loaded, ready-to-run classifier.
@@ -100,11 +104,25 @@ impl Model {
             metadata,
             tensors,
         } = checkpoint;
-        let engine = match args.engine {
-            EngineChoice::Auto | EngineChoice::Candle | EngineChoice::Fast => Engine::Candle(
-                candle::CandleResNet::from_tensors(&spec, &tensors, &device)?,
-            ),
-        };
+        let engine =
+            match (args.engine, device.is_cpu()) {
+                (EngineChoice::Fast, false) => {
+                    return Err(ModelError::Engine {
+                        engine: args.engine,
+                        device: device_name(&device),
+                        reason:
+                            "the fast engine runs on the CPU only (use --engine candle or auto, \
+                             or --device cpu)"
+                                .into(),
+                    })
+                }
+                (EngineChoice::Auto | EngineChoice::Fast, true) => Engine::Fast(
+                    fast::FastResNet::new(&spec, &tensors, args.simd, args.threads)?,
+                ),
+                (EngineChoice::Auto, false) | (EngineChoice::Candle, _) => Engine::Candle(
+                    candle::CandleResNet::from_tensors(&spec, &tensors, &device)?,
+                ),
+            };
         Ok(Self {
             spec,
             metadata,
@@ -122,6 +140,7 @@ impl Model {
     pub fn engine_name(&self) -> String {
         match &self.engine {
             Engine::Candle(_) => "candle".into(),
+            Engine::Fast(net) => net.name(),
         }
     }
 
@@ -130,6 +149,7 @@ impl Model {
         let images = images.to_device(&self.device)?;
         match &self.engine {
             Engine::Candle(net) => net.forward(&images),
+            Engine::Fast(net) => net.forward(&images),
         }
     }
 

@@ -1,0 +1,391 @@
+//! The network plan of the fast engine: folded, repacked layers read from the weights file, which
+//! buffer each layer reads and writes, and the walk of one image through them.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Tensor};
+
+use super::buffers::Plane;
+use super::conv::{ConvLayer, ConvTask};
+use super::fold::{fold_batch_norm, BatchNorm, FoldedConv};
+use super::parallel::Partition;
+use super::simd::SimdLevel;
+use super::workspace::Shared;
+use super::FastError;
+use crate::model::spec::{ModelSpec, Shortcut, INPUT_CHANNELS, INPUT_SIZE, STAGE_CHANNELS};
+
+/// Buffer id of the network input.
+const INPUT: usize = 0;
+
+#[derive(Debug)]
+enum ShortcutPlan {
+    /// The block input itself.
+    Identity,
+    /// Folded conv1x1 (stride 2) + batch norm, into buffer `buf`.
+    Projection { conv: ConvLayer, buf: usize },
+    /// `x[::2, ::2]` with `pad` zero channels on each side, into buffer `buf`.
+    ZeroPad { pad: usize, buf: usize },
+}
+
+#[derive(Debug)]
+struct Block {
+    conv1: ConvLayer,
+    conv2: ConvLayer,
+    shortcut: ShortcutPlan,
+    input: usize,
+    mid: usize,
+    output: usize,
+}
+
+/// Every layer of a CIFAR ResNet, folded and packed for one SIMD level.
+#[derive(Debug)]
+pub struct Network {
+    /// Shape of each buffer, indexed by buffer id.
+    planes: Vec<Plane>,
+    stem: ConvLayer,
+    stem_output: usize,
+    blocks: Vec<Block>,
+    /// `[classes][channels]`.
+    fc_weight: Vec<f32>,
+    fc_bias: Vec<f32>,
+    classes: usize,
+}
+
+/// Reads the weights of the network's layers by their state-dict names.
+struct Reader<'a> {
+    tensors: &'a HashMap<String, Tensor>,
+}
+
+impl Reader<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, FastError> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| FastError::MissingTensor {
+                name: name.into(),
+                expected: shape.to_vec(),
+            })?;
+        if t.dims() != shape {
+            return Err(FastError::WrongShape {
+                name: name.into(),
+                expected: shape.to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        t.to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .map_err(|source| FastError::Tensor {
+                name: name.into(),
+                source,
+            })
+    }
+
+    fn batch_norm(&self, prefix: &str, c: usize) -> Result<BatchNorm, FastError> {
+        let field = |f: &str| self.get(&format!("{prefix}.{f}"), &[c]);
+        Ok(BatchNorm {
+            weight: field("weight")?,
+            bias: field("bias")?,
+            running_mean: field("running_mean")?,
+            running_var: field("running_var")?,
+        })
+    }
+
+    /// Convolution `conv` (bias when `bias`) followed by batch norm `bn`, folded into one.
+    fn folded(
+        &self,
+        conv: &str,
+        bn: &str,
+        (cin, cout, k): (usize, usize, usize),
+        bias: bool,
+    ) -> Result<FoldedConv, FastError> {
+        let weight = self.get(&format!("{conv}.weight"), &[cout, cin, k, k])?;
+        let conv_bias = if bias {
+            Some(self.get(&format!("{conv}.bias"), &[cout])?)
+        } else {
+            None
+        };
+        Ok(fold_batch_norm(
+            &weight,
+            conv_bias.as_deref(),
+            &self.batch_norm(bn, cout)?,
+            cin,
+            k,
+        ))
+    }
+}
+
+impl Network {
+    /// Builds the plan for `spec` from tensors named as in the weights file.
+    pub fn load(
+        spec: &ModelSpec,
+        tensors: &HashMap<String, Tensor>,
+        level: SimdLevel,
+    ) -> Result<Self, FastError> {
+        let read = Reader { tensors };
+        let bias = spec.conv_bias;
+        let mut planes = vec![Plane::new(INPUT_SIZE, INPUT_SIZE, INPUT_CHANNELS)];
+        let mut add = |p: Plane| {
+            planes.push(p);
+            planes.len() - 1
+        };
+
+        let stem = ConvLayer::new(
+            &read.folded("conv1", "bn1", (INPUT_CHANNELS, STAGE_CHANNELS[0], 3), bias)?,
+            1,
+            level,
+        );
+        let mut current =
+            add(stem.output_plane(Plane::new(INPUT_SIZE, INPUT_SIZE, INPUT_CHANNELS)));
+        let stem_output = current;
+        let mut current_plane =
+            stem.output_plane(Plane::new(INPUT_SIZE, INPUT_SIZE, INPUT_CHANNELS));
+
+        let mut blocks = Vec::with_capacity(3 * spec.blocks_per_stage);
+        for stage in 0..3 {
+            // Each stage has its own buffers, so each keeps the zero border of its own shape.
+            let (mut pair, mut mid) = (None, None);
+            for index in 0..spec.blocks_per_stage {
+                let (stride, cin, cout) = spec.block_geometry(stage, index);
+                let p = format!("block{}.{index}", stage + 1);
+                let conv1 = ConvLayer::new(
+                    &read.folded(
+                        &format!("{p}.conv1"),
+                        &format!("{p}.bn1"),
+                        (cin, cout, 3),
+                        bias,
+                    )?,
+                    stride,
+                    level,
+                );
+                let conv2 = ConvLayer::new(
+                    &read.folded(
+                        &format!("{p}.conv2"),
+                        &format!("{p}.bn2"),
+                        (cout, cout, 3),
+                        bias,
+                    )?,
+                    1,
+                    level,
+                );
+                let out_plane = conv1.output_plane(current_plane);
+                let [a, b] = *pair.get_or_insert_with(|| [add(out_plane), add(out_plane)]);
+                let mid = *mid.get_or_insert_with(|| add(out_plane));
+                let shortcut = if !spec.is_downsampling(stage, index) {
+                    ShortcutPlan::Identity
+                } else {
+                    match spec.shortcut {
+                        Shortcut::Projection => ShortcutPlan::Projection {
+                            conv: ConvLayer::new(
+                                &read.folded(
+                                    &format!("{p}.residual.0"),
+                                    &format!("{p}.residual.1"),
+                                    (cin, cout, 1),
+                                    bias,
+                                )?,
+                                stride,
+                                level,
+                            ),
+                            buf: add(out_plane),
+                        },
+                        Shortcut::ZeroPad => ShortcutPlan::ZeroPad {
+                            pad: (cout - cin) / 2,
+                            buf: add(out_plane),
+                        },
+                    }
+                };
+                let output = if current == a { b } else { a };
+                blocks.push(Block {
+                    conv1,
+                    conv2,
+                    shortcut,
+                    input: current,
+                    mid,
+                    output,
+                });
+                current = output;
+                current_plane = out_plane;
+            }
+        }
+        let channels = STAGE_CHANNELS[2];
+        let classes = spec.num_classes;
+        Ok(Self {
+            planes,
+            stem,
+            stem_output,
+            blocks,
+            fc_weight: read.get("fc.weight", &[classes, channels])?,
+            fc_bias: read.get("fc.bias", &[classes])?,
+            classes,
+        })
+    }
+
+    /// Shapes of the buffers an image needs, by buffer id (to allocate a workspace).
+    pub fn planes(&self) -> &[Plane] {
+        &self.planes
+    }
+
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
+    fn last_output(&self) -> usize {
+        self.blocks.last().map_or(self.stem_output, |b| b.output)
+    }
+
+    /// One convolution over this thread's rows.
+    ///
+    /// # Safety
+    /// Between two `sync`s of the partition, no thread writes `src` or `res`, and the threads
+    /// write disjoint rows of `dst` (what `Partition::rows` hands out), which nobody reads.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn conv(
+        &self,
+        layer: &ConvLayer,
+        bufs: &Shared<'_>,
+        part: &impl Partition,
+        src: usize,
+        dst: usize,
+        res: Option<usize>,
+        relu: bool,
+    ) {
+        let (src_plane, dst_plane) = (self.planes[src], self.planes[dst]);
+        let rows = part.rows(dst_plane.h);
+        let band = dst_plane.rows(&rows);
+        // SAFETY: the function contract.
+        unsafe {
+            layer.run(ConvTask {
+                input: bufs.read(src),
+                src: src_plane,
+                output: bufs.write(dst, band.clone()),
+                dst: dst_plane,
+                rows,
+                residual: res.map(|id| &bufs.read(id)[band]),
+                relu,
+            });
+        }
+    }
+
+    /// Runs one image (`[3, 32, 32]`, normalised, NCHW) through the network. Every thread of the
+    /// partition calls this with the same arguments; the leader writes the logits.
+    ///
+    /// The phases, separated by `sync`: input (writes INPUT), stem (INPUT -> stem output), then
+    /// per block conv1 + shortcut (input -> mid, shortcut buffer) and conv2 (mid + residual ->
+    /// output). Within a phase no buffer is both read and written, and threads write disjoint
+    /// rows; that is what makes the `Shared` accesses below sound.
+    pub fn run_image(
+        &self,
+        image: &[f32],
+        bufs: &Shared<'_>,
+        part: &impl Partition,
+        logits: Option<&mut [f32]>,
+    ) {
+        let input = self.planes[INPUT];
+        assert_eq!(image.len(), input.h * input.w * input.c, "image size");
+        let rows = part.rows(input.h);
+        // SAFETY: this phase writes only this thread's rows of INPUT.
+        let dst = unsafe { bufs.write(INPUT, input.rows(&rows)) };
+        for (i, y) in rows.enumerate() {
+            for x in 0..input.w {
+                let at = input.at(i, x) - input.row_len();
+                for c in 0..input.c {
+                    dst[at + c] = image[(c * input.h + y) * input.w + x];
+                }
+            }
+        }
+        part.sync();
+        // SAFETY (every `conv` below): the phase discipline in the doc comment.
+        unsafe { self.conv(&self.stem, bufs, part, INPUT, self.stem_output, None, true) };
+        part.sync();
+        for block in &self.blocks {
+            unsafe { self.conv(&block.conv1, bufs, part, block.input, block.mid, None, true) };
+            let residual = match &block.shortcut {
+                ShortcutPlan::Identity => block.input,
+                ShortcutPlan::Projection { conv, buf } => {
+                    unsafe { self.conv(conv, bufs, part, block.input, *buf, None, false) };
+                    *buf
+                }
+                ShortcutPlan::ZeroPad { pad, buf } => {
+                    // SAFETY: reads the block input, writes this thread's rows of `buf`.
+                    unsafe { self.zero_pad_shortcut(bufs, part, block.input, *buf, *pad) };
+                    *buf
+                }
+            };
+            part.sync();
+            unsafe {
+                self.conv(
+                    &block.conv2,
+                    bufs,
+                    part,
+                    block.mid,
+                    block.output,
+                    Some(residual),
+                    true,
+                )
+            };
+            part.sync();
+        }
+        if let (true, Some(logits)) = (part.is_leader(), logits) {
+            // SAFETY: after the last sync nobody writes the last output until the next image's
+            // stem, which starts only after the next image's input phase and its sync, which the
+            // leader reaches after finishing here.
+            let last = unsafe { bufs.read(self.last_output()) };
+            self.head(last, self.planes[self.last_output()], logits);
+        }
+    }
+
+    /// `x[::2, ::2]` of `src`, placed at channels `pad..pad + c_in` of `dst` (zeros elsewhere).
+    ///
+    /// # Safety
+    /// As for [`Self::conv`].
+    unsafe fn zero_pad_shortcut(
+        &self,
+        bufs: &Shared<'_>,
+        part: &impl Partition,
+        src: usize,
+        dst: usize,
+        pad: usize,
+    ) {
+        let (sp, dp) = (self.planes[src], self.planes[dst]);
+        let rows = part.rows(dp.h);
+        let base = dp.rows(&rows).start;
+        // SAFETY: function contract.
+        let (input, out) = unsafe { (bufs.read(src), bufs.write(dst, dp.rows(&rows))) };
+        for y in rows {
+            for x in 0..dp.w {
+                let o = dp.at(y, x) - base;
+                let i = sp.at(2 * y, 2 * x);
+                let pixel = &mut out[o..o + dp.c];
+                pixel.fill(0.0);
+                pixel[pad..pad + sp.c].copy_from_slice(&input[i..i + sp.c]);
+            }
+        }
+    }
+
+    /// Global average pool and the linear classifier.
+    fn head(&self, features: &[f32], plane: Plane, logits: &mut [f32]) {
+        let mut pooled = [0.0f32; STAGE_CHANNELS[2]];
+        let pooled = &mut pooled[..plane.c];
+        for y in 0..plane.h {
+            for x in 0..plane.w {
+                let at = plane.at(y, x);
+                for (p, &v) in pooled.iter_mut().zip(&features[at..at + plane.c]) {
+                    *p += v;
+                }
+            }
+        }
+        let scale = 1.0 / (plane.h * plane.w) as f32;
+        for ((logit, row), &b) in logits
+            .iter_mut()
+            .zip(self.fc_weight.chunks_exact(plane.c))
+            .zip(&self.fc_bias)
+        {
+            *logit = b + scale
+                * row
+                    .iter()
+                    .zip(pooled.iter())
+                    .map(|(w, p)| w * p)
+                    .sum::<f32>();
+        }
+    }
+}

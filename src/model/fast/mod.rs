@@ -15,6 +15,7 @@ pub mod kernels;
 pub mod network;
 pub mod parallel;
 pub mod simd;
+pub mod winograd;
 pub mod workspace;
 
 use std::collections::HashMap;
@@ -26,6 +27,7 @@ use candle_core::{DType, Device, Storage, Tensor};
 use self::network::Network;
 use self::parallel::{Alone, SpinBarrier, Team};
 pub use self::simd::{SimdLevel, UnsupportedSimd};
+use self::winograd::Scratch;
 use self::workspace::Buffers;
 use super::spec::{ModelSpec, INPUT_CHANNELS, INPUT_SIZE};
 use crate::config::SimdChoice;
@@ -62,11 +64,34 @@ pub enum Threading {
     Layers,
 }
 
-/// Each thread's buffers for whole images, and the buffers a team shares for one image.
+/// Each thread's buffers for whole images and its Winograd scratch, and the buffers a team
+/// shares for one image.
 #[derive(Debug)]
 struct Workspace {
-    own: Vec<Buffers>,
+    own: Vec<(Buffers, Scratch)>,
     team: Buffers,
+}
+
+/// How to build a [`FastResNet`]; [`FastResNet::new`] uses the defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FastOptions {
+    pub simd: SimdChoice,
+    /// 0 = one per available core.
+    pub threads: usize,
+    pub threading: Threading,
+    /// Stride-1 3x3 convolutions with Winograd F(4x4, 3x3) (else direct).
+    pub winograd: bool,
+}
+
+impl Default for FastOptions {
+    fn default() -> Self {
+        Self {
+            simd: SimdChoice::Auto,
+            threads: 0,
+            threading: Threading::Auto,
+            winograd: true,
+        }
+    }
 }
 
 /// The fast CPU forward pass of a CIFAR ResNet.
@@ -88,31 +113,40 @@ impl FastResNet {
         simd: SimdChoice,
         threads: usize,
     ) -> Result<Self, FastError> {
-        let simd = SimdLevel::resolve(simd)?;
-        let threads = if threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            threads
+        let options = FastOptions {
+            simd,
+            threads,
+            ..FastOptions::default()
         };
-        let net = Network::load(spec, tensors, simd)?;
+        Self::with_options(spec, tensors, &options)
+    }
+
+    /// [`Self::new`] with every choice explicit (to compare strategies and algorithms).
+    pub fn with_options(
+        spec: &ModelSpec,
+        tensors: &HashMap<String, Tensor>,
+        options: &FastOptions,
+    ) -> Result<Self, FastError> {
+        let simd = SimdLevel::resolve(options.simd)?;
+        let threads = match options.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let net = Network::load(spec, tensors, simd, options.winograd)?;
         let workspace = Workspace {
-            own: (0..threads).map(|_| Buffers::new(net.planes())).collect(),
+            own: (0..threads)
+                .map(|_| (Buffers::new(net.planes()), Scratch::default()))
+                .collect(),
             team: Buffers::new(net.planes()),
         };
-        tracing::debug!(%simd, threads, "fast engine ready");
+        tracing::debug!(%simd, threads, winograd = options.winograd, "fast engine ready");
         Ok(Self {
             net,
             simd,
             threads,
-            threading: Threading::Auto,
+            threading: options.threading,
             workspace: Mutex::new(workspace),
         })
-    }
-
-    /// The same engine sharing work the way `threading` says (to compare strategies).
-    pub fn with_threading(mut self, threading: Threading) -> Self {
-        self.threading = threading;
-        self
     }
 
     /// The SIMD level the kernels run.
@@ -177,7 +211,7 @@ impl FastResNet {
         let results = Mutex::new(&mut *logits);
         let team = team.share();
         let barrier = SpinBarrier::new(threads);
-        let work = |index: usize, own: &mut Buffers| {
+        let work = |index: usize, (own, scratch): &mut (Buffers, Scratch)| {
             let own = own.share();
             let mut out = vec![0.0f32; classes];
             loop {
@@ -189,6 +223,7 @@ impl FastResNet {
                     &images[i * image_len..(i + 1) * image_len],
                     &own,
                     &Alone,
+                    scratch,
                     Some(&mut out),
                 );
                 let mut results = results.lock().unwrap_or_else(|p| p.into_inner());
@@ -203,6 +238,7 @@ impl FastResNet {
                     &images[i * image_len..(i + 1) * image_len],
                     &team,
                     &part,
+                    scratch,
                     Some(&mut out),
                 );
                 if index == 0 {

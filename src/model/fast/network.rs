@@ -10,6 +10,7 @@ use super::conv::{ConvLayer, ConvTask};
 use super::fold::{fold_batch_norm, BatchNorm, FoldedConv};
 use super::parallel::Partition;
 use super::simd::SimdLevel;
+use super::winograd::{self, Scratch, WinogradLayer, TILE};
 use super::workspace::Shared;
 use super::FastError;
 use crate::model::spec::{ModelSpec, Shortcut, INPUT_CHANNELS, INPUT_SIZE, STAGE_CHANNELS};
@@ -27,10 +28,27 @@ enum ShortcutPlan {
     ZeroPad { pad: usize, buf: usize },
 }
 
+/// A 3x3 convolution, computed directly or with Winograd F(4x4, 3x3).
+#[derive(Debug)]
+enum Conv3x3 {
+    Direct(ConvLayer),
+    Winograd(WinogradLayer),
+}
+
+impl Conv3x3 {
+    fn new(conv: &FoldedConv, stride: usize, src: Plane, level: SimdLevel, winograd: bool) -> Self {
+        if winograd && winograd::supports(conv, stride, src.h, src.w) {
+            Self::Winograd(WinogradLayer::new(conv, src.w, level))
+        } else {
+            Self::Direct(ConvLayer::new(conv, stride, level))
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Block {
-    conv1: ConvLayer,
-    conv2: ConvLayer,
+    conv1: Conv3x3,
+    conv2: Conv3x3,
     shortcut: ShortcutPlan,
     input: usize,
     mid: usize,
@@ -117,10 +135,12 @@ impl Reader<'_> {
 
 impl Network {
     /// Builds the plan for `spec` from tensors named as in the weights file.
+    /// `winograd`: compute the stride-1 3x3 convolutions with Winograd F(4x4, 3x3).
     pub fn load(
         spec: &ModelSpec,
         tensors: &HashMap<String, Tensor>,
         level: SimdLevel,
+        winograd: bool,
     ) -> Result<Self, FastError> {
         let read = Reader { tensors };
         let bias = spec.conv_bias;
@@ -148,27 +168,25 @@ impl Network {
             for index in 0..spec.blocks_per_stage {
                 let (stride, cin, cout) = spec.block_geometry(stage, index);
                 let p = format!("block{}.{index}", stage + 1);
-                let conv1 = ConvLayer::new(
-                    &read.folded(
-                        &format!("{p}.conv1"),
-                        &format!("{p}.bn1"),
-                        (cin, cout, 3),
-                        bias,
-                    )?,
-                    stride,
-                    level,
+                let conv1 = read.folded(
+                    &format!("{p}.conv1"),
+                    &format!("{p}.bn1"),
+                    (cin, cout, 3),
+                    bias,
+                )?;
+                let conv2 = read.folded(
+                    &format!("{p}.conv2"),
+                    &format!("{p}.bn2"),
+                    (cout, cout, 3),
+                    bias,
+                )?;
+                let out_plane = Plane::new(
+                    (current_plane.h - 1) / stride + 1,
+                    (current_plane.w - 1) / stride + 1,
+                    cout,
                 );
-                let conv2 = ConvLayer::new(
-                    &read.folded(
-                        &format!("{p}.conv2"),
-                        &format!("{p}.bn2"),
-                        (cout, cout, 3),
-                        bias,
-                    )?,
-                    1,
-                    level,
-                );
-                let out_plane = conv1.output_plane(current_plane);
+                let conv1 = Conv3x3::new(&conv1, stride, current_plane, level, winograd);
+                let conv2 = Conv3x3::new(&conv2, 1, out_plane, level, winograd);
                 let [a, b] = *pair.get_or_insert_with(|| [add(out_plane), add(out_plane)]);
                 let mid = *mid.get_or_insert_with(|| add(out_plane));
                 let shortcut = if !spec.is_downsampling(stage, index) {
@@ -266,6 +284,46 @@ impl Network {
         }
     }
 
+    /// A 3x3 convolution of a block, with ReLU.
+    ///
+    /// # Safety
+    /// As for [`Self::conv`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn conv3x3(
+        &self,
+        layer: &Conv3x3,
+        bufs: &Shared<'_>,
+        part: &impl Partition,
+        scratch: &mut Scratch,
+        src: usize,
+        dst: usize,
+        res: Option<usize>,
+    ) {
+        let layer = match layer {
+            // SAFETY: the function contract.
+            Conv3x3::Direct(layer) => return unsafe { self.conv(layer, bufs, part, src, dst, res, true) },
+            Conv3x3::Winograd(layer) => layer,
+        };
+        let (src_plane, dst_plane) = (self.planes[src], self.planes[dst]);
+        // Whole tiles: a thread's band is a run of tile rows.
+        let tiles = part.rows(dst_plane.h / TILE);
+        let rows = tiles.start * TILE..tiles.end * TILE;
+        let band = dst_plane.rows(&rows);
+        // SAFETY: the function contract.
+        unsafe {
+            layer.run(
+                bufs.read(src),
+                src_plane,
+                bufs.write(dst, band.clone()),
+                dst_plane,
+                rows,
+                res.map(|id| &bufs.read(id)[band]),
+                true,
+                scratch,
+            );
+        }
+    }
+
     /// Runs one image (`[3, 32, 32]`, normalised, NCHW) through the network. Every thread of the
     /// partition calls this with the same arguments; the leader writes the logits.
     ///
@@ -278,6 +336,7 @@ impl Network {
         image: &[f32],
         bufs: &Shared<'_>,
         part: &impl Partition,
+        scratch: &mut Scratch,
         logits: Option<&mut [f32]>,
     ) {
         let input = self.planes[INPUT];
@@ -298,7 +357,7 @@ impl Network {
         unsafe { self.conv(&self.stem, bufs, part, INPUT, self.stem_output, None, true) };
         part.sync();
         for block in &self.blocks {
-            unsafe { self.conv(&block.conv1, bufs, part, block.input, block.mid, None, true) };
+            unsafe { self.conv3x3(&block.conv1, bufs, part, scratch, block.input, block.mid, None) };
             let residual = match &block.shortcut {
                 ShortcutPlan::Identity => block.input,
                 ShortcutPlan::Projection { conv, buf } => {
@@ -313,14 +372,14 @@ impl Network {
             };
             part.sync();
             unsafe {
-                self.conv(
+                self.conv3x3(
                     &block.conv2,
                     bufs,
                     part,
+                    scratch,
                     block.mid,
                     block.output,
                     Some(residual),
-                    true,
                 )
             };
             part.sync();

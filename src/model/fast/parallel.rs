@@ -1,21 +1,27 @@
-//! How the fast engine shares work between threads: a spinning barrier cheap enough to separate
-//! every layer of a single image, and the two ways of running an image (alone, or as a team that
+//! How the fast engine shares work between threads: a barrier cheap enough to separate every
+//! layer of a single image, and the two ways of running an image (alone, or as a team that
 //! splits each layer's output rows).
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
 
-/// Busy-wait iterations before a waiting thread starts yielding its core. A layer of one image
-/// takes tens of microseconds, so a short spin catches the common case; yielding keeps a
-/// descheduled partner (on a busy machine) from being starved by the spinner.
-const SPINS_BEFORE_YIELD: u32 = 20_000;
+/// Busy-wait iterations (about 20-50 microseconds) before a waiting thread goes to sleep. A
+/// layer of one image takes tens of microseconds, so on an idle machine the partner usually
+/// arrives while we spin; on a busy one the partner may be descheduled, and sleeping hands it
+/// our core instead of burning it.
+const SPINS_BEFORE_SLEEP: u32 = 10_000;
 
-/// A reusable barrier for a fixed number of threads.
+/// A reusable barrier for a fixed number of threads: spins first, then sleeps on a condvar.
 #[derive(Debug)]
 pub struct SpinBarrier {
     threads: usize,
     arrived: AtomicUsize,
     generation: AtomicUsize,
+    /// Threads that gave up spinning and sleep (or are about to) on `wake`.
+    sleepers: AtomicUsize,
+    lock: Mutex<()>,
+    wake: Condvar,
 }
 
 impl SpinBarrier {
@@ -24,6 +30,9 @@ impl SpinBarrier {
             threads: threads.max(1),
             arrived: AtomicUsize::new(0),
             generation: AtomicUsize::new(0),
+            sleepers: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
         }
     }
 
@@ -32,21 +41,31 @@ impl SpinBarrier {
     pub fn wait(&self) {
         let generation = self.generation.load(Ordering::Acquire);
         // AcqRel: the last arriver acquires every earlier arriver's writes through this counter,
-        // then publishes them (and its own) with the Release increment of `generation`.
+        // then publishes them (and its own) with the increment of `generation`.
         if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.threads {
             self.arrived.store(0, Ordering::Relaxed);
-            self.generation.fetch_add(1, Ordering::Release);
+            // SeqCst pairs with the sleeper's SeqCst increment below: either the sleeper sees
+            // the new generation, or we see the sleeper and wake it.
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            if self.sleepers.load(Ordering::SeqCst) > 0 {
+                let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+                self.wake.notify_all();
+            }
             return;
         }
-        let mut spins = 0;
-        while self.generation.load(Ordering::Acquire) == generation {
-            if spins < SPINS_BEFORE_YIELD {
-                spins += 1;
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
+        for _ in 0..SPINS_BEFORE_SLEEP {
+            if self.generation.load(Ordering::Acquire) != generation {
+                return;
             }
+            std::hint::spin_loop();
         }
+        self.sleepers.fetch_add(1, Ordering::SeqCst);
+        let mut guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        while self.generation.load(Ordering::SeqCst) == generation {
+            guard = self.wake.wait(guard).unwrap_or_else(|p| p.into_inner());
+        }
+        drop(guard);
+        self.sleepers.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

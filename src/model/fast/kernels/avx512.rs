@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Band, RawConv, RowKernel};
+use super::{Band, GemmKernel, RawConv, RawGemm, RowKernel};
 
 const LANES: usize = 16;
 
@@ -41,21 +41,68 @@ unsafe fn rows<
     for r in 0..t.rows {
         for co in (0..COUT).step_by(LANES * V) {
             // SAFETY: row r and channel block co lie inside the task (caller's contract).
-            let band = unsafe { t.band(r, co) };
-            let mut x = 0;
-            // SAFETY: each call covers pixels x..x+Q < t.width of the band.
+            unsafe { run_band::<P, V, CIN, COUT, S>(&t.band(r, co)) };
+        }
+    }
+}
+
+/// Winograd matrix products for `(cin, cout)`: each position is a one-tap "convolution" of a row
+/// of `tiles` transformed tiles.
+pub fn select_gemm(cin: usize, cout: usize) -> Option<GemmKernel> {
+    Some(match (cin, cout) {
+        (16, 16) => gemm::<8, 1, 16, 16>,
+        (32, 32) => gemm::<8, 2, 32, 32>,
+        (64, 64) => gemm::<4, 4, 64, 64>,
+        _ => return None,
+    })
+}
+
+/// # Safety
+/// The CPU supports the target features, and `g` describes valid buffers (see [`RawGemm`]) for
+/// `CIN` inputs and `COUT` outputs.
+#[target_feature(enable = "avx512f")]
+unsafe fn gemm<const P: usize, const V: usize, const CIN: usize, const COUT: usize>(g: &RawGemm) {
+    let taps = [0isize];
+    for p in 0..g.positions {
+        for co in (0..COUT).step_by(LANES * V) {
+            // SAFETY: position p < positions and channel block co < COUT stay inside the buffers.
             unsafe {
-                x = tiles::<P, V, CIN, COUT, S>(&band, x);
-                if P > 4 {
-                    x = tiles::<4, V, CIN, COUT, S>(&band, x);
-                }
-                if P > 2 {
-                    x = tiles::<2, V, CIN, COUT, S>(&band, x);
-                }
-                if P > 1 {
-                    tiles::<1, V, CIN, COUT, S>(&band, x);
-                }
+                let band = Band {
+                    src: g.v.add(p * g.tiles * CIN),
+                    taps: &taps,
+                    weights: g.u.add(p * CIN * COUT + co),
+                    bias: g.zeros.add(co),
+                    dst: g.m.add(p * g.tiles * COUT + co),
+                    res: std::ptr::null(),
+                    width: g.tiles,
+                    relu: false,
+                };
+                run_band::<P, V, CIN, COUT, 1>(&band);
             }
+        }
+    }
+}
+
+/// One band: tiles of `P` pixels, then narrower tiles for a tail that `P` does not divide.
+///
+/// # Safety
+/// As for [`rows`], for this band.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn run_band<const P: usize, const V: usize, const CIN: usize, const COUT: usize, const S: usize>(
+    band: &Band<'_>,
+) {
+    // SAFETY: each call covers pixels x..x+Q <= band.width (caller's contract).
+    unsafe {
+        let mut x = tiles::<P, V, CIN, COUT, S>(band, 0);
+        if P > 4 {
+            x = tiles::<4, V, CIN, COUT, S>(band, x);
+        }
+        if P > 2 {
+            x = tiles::<2, V, CIN, COUT, S>(band, x);
+        }
+        if P > 1 {
+            tiles::<1, V, CIN, COUT, S>(band, x);
         }
     }
 }

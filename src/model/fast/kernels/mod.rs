@@ -44,11 +44,26 @@ pub struct RawConv {
 /// and that the task's pointers are valid for every access described on [`RawConv`].
 pub type RowKernel = unsafe fn(&RawConv);
 
+/// The 36 matrix products of a Winograd layer, with the same obligations on [`RawGemm`].
+pub type GemmKernel = unsafe fn(&RawGemm);
+
 /// The kernel a layer runs: a specialised SIMD kernel, or the portable one.
 #[derive(Debug, Clone, Copy)]
-pub enum Kernel {
+pub enum Kernel<K = RowKernel> {
     Scalar,
-    Simd(RowKernel),
+    Simd(K),
+}
+
+/// `M[p] = V[p] U[p]` for `positions` positions: `V` is `[positions][tiles][cin]`, `U`
+/// `[positions][cin][cout]`, `M` `[positions][tiles][cout]`, `zeros` `cout` zeros.
+#[derive(Debug)]
+pub struct RawGemm {
+    pub v: *const f32,
+    pub u: *const f32,
+    pub zeros: *const f32,
+    pub m: *mut f32,
+    pub positions: usize,
+    pub tiles: usize,
 }
 
 /// The best kernel of `level` for a convolution of this shape. Shapes without a specialised
@@ -60,6 +75,20 @@ pub fn select(level: SimdLevel, cin: usize, cout: usize, stride: usize) -> Kerne
         SimdLevel::Avx512 => avx512::select(cin, cout, stride),
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 => avx2::select(cin, cout, stride),
+        #[cfg(not(target_arch = "x86_64"))]
+        SimdLevel::Avx512 | SimdLevel::Avx2 => None,
+    };
+    simd.map_or(Kernel::Scalar, Kernel::Simd)
+}
+
+/// The best Winograd matrix-product kernel of `level` for these channel counts.
+pub fn select_gemm(level: SimdLevel, cin: usize, cout: usize) -> Kernel<GemmKernel> {
+    let simd = match level {
+        SimdLevel::Scalar => None,
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => avx512::select_gemm(cin, cout),
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => avx2::select_gemm(cin, cout),
         #[cfg(not(target_arch = "x86_64"))]
         SimdLevel::Avx512 | SimdLevel::Avx2 => None,
     };

@@ -1,0 +1,395 @@
+//! Winograd F(4x4, 3x3) for stride-1 3x3 convolutions: each 6x6 input tile is transformed
+//! (`B^T d B`), multiplied position by position with the transformed filters (`G g G^T`, 36 small
+//! matrix products that reuse the SIMD convolution tiles), and transformed back (`A^T m A`) into a
+//! 4x4 output tile with bias, residual and ReLU fused. 2.25 multiplies per output instead of 9.
+//!
+//! The transforms are plain loops over channels-last pixels, written once and compiled for each
+//! instruction set (inlined into `#[target_feature]` wrappers, where they vectorise).
+
+use std::ops::Range;
+
+use super::buffers::{AlignedBuf, Plane};
+use super::fold::FoldedConv;
+use super::kernels::{self, Kernel, RawGemm};
+use super::simd::SimdLevel;
+
+/// Output tile side.
+pub const TILE: usize = 4;
+/// Input tile side.
+const ALPHA: usize = TILE + 2;
+/// Positions of the transformed tile.
+const POSITIONS: usize = ALPHA * ALPHA;
+/// Most tiles transformed together; bounds the scratch.
+pub const MAX_GROUP_TILES: usize = 16;
+/// Widest layer the transforms are instantiated for.
+const MAX_CHANNELS: usize = 64;
+
+/// `G` of F(4x4, 3x3) (interpolation points 0, 1, -1, 2, -2 and infinity).
+const G: [[f64; 3]; ALPHA] = [
+    [1.0 / 4.0, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+
+/// Per-thread buffers for transformed tiles: `V` (`[36][tiles][cin]`) and `M` (`[36][tiles][cout]`).
+#[derive(Debug)]
+pub struct Scratch {
+    v: AlignedBuf,
+    m: AlignedBuf,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        let len = POSITIONS * MAX_GROUP_TILES * MAX_CHANNELS;
+        Self {
+            v: AlignedBuf::zeros(len),
+            m: AlignedBuf::zeros(len),
+        }
+    }
+}
+
+type InputTransform = unsafe fn(&[f32], Plane, Range<usize>, &mut [f32]);
+type OutputTransform = unsafe fn(&OutputArgs<'_>, &mut [f32]);
+
+/// What the output transform needs besides `M`.
+#[derive(Debug)]
+pub struct OutputArgs<'a> {
+    m: &'a [f32],
+    /// Tile rows of this group.
+    tiles: Range<usize>,
+    bias: &'a [f32],
+    dst: Plane,
+    /// First output row of the band the output slice holds.
+    band_start: usize,
+    residual: Option<&'a [f32]>,
+    relu: bool,
+}
+
+/// A stride-1 3x3 convolution with bias, computed with Winograd F(4x4, 3x3).
+#[derive(Debug)]
+pub struct WinogradLayer {
+    pub cin: usize,
+    pub cout: usize,
+    /// `[36][cin][cout]` transformed filters.
+    u: AlignedBuf,
+    bias: AlignedBuf,
+    zeros: AlignedBuf,
+    input: InputTransform,
+    output: OutputTransform,
+    gemm: Kernel<kernels::GemmKernel>,
+    /// Tile rows transformed together.
+    group_rows: usize,
+}
+
+/// Whether F(4x4, 3x3) supports this convolution on a `h x w` image.
+pub fn supports(conv: &FoldedConv, stride: usize, h: usize, w: usize) -> bool {
+    let widths = |c| matches!(c, 16 | 32 | 64);
+    conv.k == 3
+        && stride == 1
+        && widths(conv.cin)
+        && widths(conv.cout)
+        && h % TILE == 0
+        && w % TILE == 0
+        && (w / TILE) <= MAX_GROUP_TILES
+}
+
+impl WinogradLayer {
+    /// Transforms the filters. `supports(conv, 1, h, w)` must hold.
+    pub fn new(conv: &FoldedConv, w: usize, level: SimdLevel) -> Self {
+        let (cin, cout) = (conv.cin, conv.cout);
+        assert!(supports(conv, 1, TILE, w), "unsupported Winograd layer");
+        let mut u = AlignedBuf::zeros(POSITIONS * cin * cout);
+        let packed = u.as_mut_slice();
+        for co in 0..cout {
+            for ci in 0..cin {
+                let g = &conv.weight[(co * cin + ci) * 9..][..9];
+                // G g G^T in f64.
+                let mut gg = [[0.0f64; 3]; ALPHA];
+                for (i, row) in gg.iter_mut().enumerate() {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v = (0..3).map(|k| G[i][k] * f64::from(g[k * 3 + j])).sum();
+                    }
+                }
+                for i in 0..ALPHA {
+                    for j in 0..ALPHA {
+                        let v: f64 = (0..3).map(|k| gg[i][k] * G[j][k]).sum();
+                        packed[((i * ALPHA + j) * cin + ci) * cout + co] = v as f32;
+                    }
+                }
+            }
+        }
+        let mut bias = AlignedBuf::zeros(cout);
+        bias.as_mut_slice().copy_from_slice(&conv.bias);
+        let tiles_x = w / TILE;
+        // Enough tiles per group for the matrix tiles to fill their registers, few enough for
+        // the scratch to stay in the first cache levels.
+        let group_rows = (8 / tiles_x).clamp(1, MAX_GROUP_TILES / tiles_x);
+        Self {
+            cin,
+            cout,
+            u,
+            bias,
+            zeros: AlignedBuf::zeros(cout),
+            input: input_transform_for(level, cin),
+            output: output_transform_for(level, cout),
+            gemm: kernels::select_gemm(level, cin, cout),
+            group_rows,
+        }
+    }
+
+    /// Output rows `rows` (multiples of 4) of the convolution of `input` into `output`, the
+    /// bordered rows `dst.rows(&rows)`; `residual` has the extent of `output`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        input: &[f32],
+        src: Plane,
+        output: &mut [f32],
+        dst: Plane,
+        rows: Range<usize>,
+        residual: Option<&[f32]>,
+        relu: bool,
+        scratch: &mut Scratch,
+    ) {
+        assert_eq!((src.c, dst.c), (self.cin, self.cout), "channels");
+        assert_eq!((src.h, src.w), (dst.h, dst.w), "stride-1 shape");
+        assert_eq!(input.len(), src.len(), "input buffer");
+        assert!(rows.start % TILE == 0 && rows.end % TILE == 0 && rows.end <= dst.h);
+        assert_eq!(output.len(), dst.rows(&rows).len(), "output band");
+        if let Some(r) = residual {
+            assert_eq!(r.len(), output.len(), "residual band");
+        }
+        let tiles_x = dst.w / TILE;
+        let mut ty = rows.start / TILE;
+        while ty < rows.end / TILE {
+            let tiles = ty..(ty + self.group_rows).min(rows.end / TILE);
+            let n = tiles.len() * tiles_x;
+            let v = &mut scratch.v.as_mut_slice()[..POSITIONS * n * self.cin];
+            // SAFETY: the transform for this level was selected for a CPU that supports it
+            // (levels are checked when the engine is built); it indexes slices, so it is
+            // bounds-checked.
+            unsafe { (self.input)(input, src, tiles.clone(), v) };
+            let m = &mut scratch.m.as_mut_slice()[..POSITIONS * n * self.cout];
+            self.multiply(v, m, n);
+            let args = OutputArgs {
+                m,
+                tiles: tiles.clone(),
+                bias: self.bias.as_slice(),
+                dst,
+                band_start: rows.start,
+                residual,
+                relu,
+            };
+            // SAFETY: as for the input transform.
+            unsafe { (self.output)(&args, output) };
+            ty = tiles.end;
+        }
+    }
+
+    /// `M[p] = V[p] U[p]` for the 36 positions, `n` tiles each.
+    fn multiply(&self, v: &[f32], m: &mut [f32], n: usize) {
+        let (cin, cout) = (self.cin, self.cout);
+        assert!(v.len() >= POSITIONS * n * cin && m.len() >= POSITIONS * n * cout);
+        match self.gemm {
+            Kernel::Scalar => {
+                for p in 0..POSITIONS {
+                    let u = &self.u.as_slice()[p * cin * cout..][..cin * cout];
+                    for t in 0..n {
+                        let x = &v[(p * n + t) * cin..][..cin];
+                        let out = &mut m[(p * n + t) * cout..][..cout];
+                        out.fill(0.0);
+                        for (&xv, w) in x.iter().zip(u.chunks_exact(cout)) {
+                            for (o, &w) in out.iter_mut().zip(w) {
+                                *o += xv * w;
+                            }
+                        }
+                    }
+                }
+            }
+            Kernel::Simd(gemm) => {
+                let raw = RawGemm {
+                    v: v.as_ptr(),
+                    u: self.u.as_slice().as_ptr(),
+                    zeros: self.zeros.as_slice().as_ptr(),
+                    m: m.as_mut_ptr(),
+                    positions: POSITIONS,
+                    tiles: n,
+                };
+                // SAFETY: selected for this CPU and (cin, cout); `v` holds 36 x n x cin floats,
+                // `m` 36 x n x cout (asserted above), `u` 36 x cin x cout, `zeros` cout.
+                unsafe { gemm(&raw) };
+            }
+        }
+    }
+}
+
+/// `a * b + c`, fused where the instruction set has FMA (a libm call would be slow elsewhere).
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// `B^T d` on six channel vectors.
+#[inline(always)]
+fn input_1d<const C: usize, const FMA: bool>(d: [&[f32; C]; ALPHA], t: &mut [[f32; C]; ALPHA]) {
+    for c in 0..C {
+        let [d0, d1, d2, d3, d4, d5] = d.map(|d| d[c]);
+        t[0][c] = madd::<FMA>(4.0, d0, madd::<FMA>(-5.0, d2, d4));
+        t[1][c] = madd::<FMA>(-4.0, d1 + d2, d3 + d4);
+        t[2][c] = madd::<FMA>(4.0, d1 - d2, d4 - d3);
+        let (e, f) = (d3 - d1, d4 - d2);
+        t[3][c] = madd::<FMA>(2.0, e, f);
+        t[4][c] = madd::<FMA>(-2.0, e, f);
+        t[5][c] = madd::<FMA>(4.0, d1, madd::<FMA>(-5.0, d3, d5));
+    }
+}
+
+/// `A^T m` on six channel vectors, to four.
+#[inline(always)]
+fn output_1d<const C: usize, const FMA: bool>(m: [&[f32; C]; ALPHA], o: &mut [[f32; C]; TILE]) {
+    for c in 0..C {
+        let [m0, m1, m2, m3, m4, m5] = m.map(|m| m[c]);
+        let (a, b, s, d) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
+        o[0][c] = m0 + a + s;
+        o[1][c] = madd::<FMA>(2.0, d, b);
+        o[2][c] = madd::<FMA>(4.0, s, a);
+        o[3][c] = madd::<FMA>(8.0, d, b + m5);
+    }
+}
+
+fn channels<const C: usize>(s: &[f32], at: usize) -> &[f32; C] {
+    s[at..at + C].try_into().expect("C floats")
+}
+
+/// `V = B^T d B` for every tile of tile rows `tiles` of the bordered image `input`.
+#[inline(always)]
+fn input_transform<const C: usize, const FMA: bool>(
+    input: &[f32],
+    src: Plane,
+    tiles: Range<usize>,
+    v: &mut [f32],
+) {
+    let tiles_x = src.w / TILE;
+    let n = tiles.len() * tiles_x;
+    let mut cols = [[[0.0f32; C]; ALPHA]; ALPHA];
+    let mut row = [[0.0f32; C]; ALPHA];
+    for (t_row, ty) in tiles.enumerate() {
+        for tx in 0..tiles_x {
+            let t = t_row * tiles_x + tx;
+            // The tile's input starts one pixel above and left of its output: bordered (4ty, 4tx).
+            let at = |i: usize, j: usize| (TILE * ty + i) * src.row_len() + (TILE * tx + j) * C;
+            for (j, col) in cols.iter_mut().enumerate() {
+                let d = std::array::from_fn(|i| channels::<C>(input, at(i, j)));
+                input_1d::<C, FMA>(d, col);
+            }
+            for i in 0..ALPHA {
+                input_1d::<C, FMA>(std::array::from_fn(|j| &cols[j][i]), &mut row);
+                for (j, r) in row.iter().enumerate() {
+                    v[((i * ALPHA + j) * n + t) * C..][..C].copy_from_slice(r);
+                }
+            }
+        }
+    }
+}
+
+/// `Y = A^T M A` + bias (+ residual), ReLU, into the 4x4 output tiles of tile rows `a.tiles`.
+#[inline(always)]
+fn output_transform<const C: usize, const FMA: bool>(a: &OutputArgs<'_>, out: &mut [f32]) {
+    let tiles_x = a.dst.w / TILE;
+    let n = a.tiles.len() * tiles_x;
+    let bias = channels::<C>(a.bias, 0);
+    let mut cols = [[[0.0f32; C]; TILE]; ALPHA];
+    let mut row = [[0.0f32; C]; TILE];
+    for (t_row, ty) in a.tiles.clone().enumerate() {
+        for tx in 0..tiles_x {
+            let t = t_row * tiles_x + tx;
+            for (j, col) in cols.iter_mut().enumerate() {
+                let m = std::array::from_fn(|i| channels::<C>(a.m, ((i * ALPHA + j) * n + t) * C));
+                output_1d::<C, FMA>(m, col);
+            }
+            for (r, y) in (TILE * ty..TILE * ty + TILE).enumerate() {
+                output_1d::<C, FMA>(std::array::from_fn(|j| &cols[j][r]), &mut row);
+                for (x, values) in (TILE * tx..TILE * tx + TILE).zip(&row) {
+                    let at = a.dst.at(y, x) - a.dst.row_len() * (a.band_start + 1);
+                    let o: &mut [f32; C] = (&mut out[at..at + C]).try_into().expect("C floats");
+                    for c in 0..C {
+                        o[c] = values[c] + bias[c];
+                    }
+                    if let Some(res) = a.residual {
+                        let r = channels::<C>(res, at);
+                        for c in 0..C {
+                            o[c] += r[c];
+                        }
+                    }
+                    if a.relu {
+                        for v in o.iter_mut() {
+                            *v = v.max(0.0);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Instantiates the transforms for one instruction set: `$name::<C>` wrappers that inline the
+/// generic code under `#[target_feature($features)]`.
+macro_rules! instantiate {
+    ($input:ident, $output:ident, $fma:literal $(, $features:literal)?) => {
+        /// # Safety
+        /// The CPU supports the wrapper's target features.
+        $(#[target_feature(enable = $features)])?
+        unsafe fn $input<const C: usize>(input: &[f32], src: Plane, tiles: Range<usize>, v: &mut [f32]) {
+            input_transform::<C, $fma>(input, src, tiles, v)
+        }
+        /// # Safety
+        /// The CPU supports the wrapper's target features.
+        $(#[target_feature(enable = $features)])?
+        unsafe fn $output<const C: usize>(a: &OutputArgs<'_>, out: &mut [f32]) {
+            output_transform::<C, $fma>(a, out)
+        }
+    };
+}
+
+instantiate!(input_scalar, output_scalar, false);
+#[cfg(target_arch = "x86_64")]
+instantiate!(input_avx2, output_avx2, true, "avx2,fma");
+#[cfg(target_arch = "x86_64")]
+instantiate!(input_avx512, output_avx512, true, "avx512f,avx2,fma");
+
+macro_rules! by_width {
+    ($f:ident, $c:expr) => {
+        match $c {
+            16 => $f::<16> as _,
+            32 => $f::<32> as _,
+            _ => $f::<64> as _,
+        }
+    };
+}
+
+fn input_transform_for(level: SimdLevel, c: usize) -> InputTransform {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => by_width!(input_avx512, c),
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => by_width!(input_avx2, c),
+        _ => by_width!(input_scalar, c),
+    }
+}
+
+fn output_transform_for(level: SimdLevel, c: usize) -> OutputTransform {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => by_width!(output_avx512, c),
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => by_width!(output_avx2, c),
+        _ => by_width!(output_scalar, c),
+    }
+}

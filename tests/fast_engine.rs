@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use resnet_serve::cli::eval::{evaluate, load_reference, LabelledImages};
 use resnet_serve::config::{DeviceChoice, EngineChoice, ModelArgs, SimdChoice};
-use resnet_serve::model::fast::{FastResNet, SimdLevel, Threading};
+use resnet_serve::model::fast::{FastOptions, FastResNet, SimdLevel, Threading};
 use resnet_serve::model::{Checkpoint, Model, ModelError, Shortcut, IMAGE_FLOATS};
 use resnet_serve::preprocess::normalize_chw;
 use safetensors::tensor::TensorView;
@@ -125,9 +125,12 @@ fn threading_strategies_give_identical_logits() {
         .unwrap();
     for threads in [2, 3] {
         for threading in [Threading::Auto, Threading::Images, Threading::Layers] {
-            let net = FastResNet::new(&ckpt.spec, &ckpt.tensors, SimdChoice::Auto, threads)
-                .unwrap()
-                .with_threading(threading);
+            let options = FastOptions {
+                threads,
+                threading,
+                ..FastOptions::default()
+            };
+            let net = FastResNet::with_options(&ckpt.spec, &ckpt.tensors, &options).unwrap();
             for n in [1, 2, 7] {
                 let got = net.forward(&x.narrow(0, 0, n).unwrap()).unwrap();
                 assert_eq!(
@@ -261,4 +264,84 @@ fn missing_or_misshapen_tensors_are_errors() {
     );
     let err = FastResNet::new(&ckpt.spec, &tensors, SimdChoice::Auto, 1).unwrap_err();
     assert!(err.to_string().contains("fc.weight"), "{err}");
+}
+
+/// CPU seconds this process has used (user + system), from /proc (Linux only).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// Threading strategies and algorithms side by side, alternated: run with
+/// `cargo test --release --test fast_engine -- --ignored --nocapture strategies`.
+/// Prints images/s (wall) and images per CPU-second for each configuration.
+#[test]
+#[ignore = "a benchmark: run in release, by hand"]
+fn strategies_benchmark() {
+    let Some(weights) = common::shared_file(SEED_WEIGHTS) else {
+        return;
+    };
+    let ckpt = Checkpoint::load(&weights).unwrap();
+    let seconds: f64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2.0);
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let configs = [
+        ("1 thread", 1, Threading::Auto, true),
+        ("2 threads, auto", 2, Threading::Auto, true),
+        ("2 threads, images", 2, Threading::Images, true),
+        ("2 threads, layers", 2, Threading::Layers, true),
+        ("2 threads, auto, direct only", 2, Threading::Auto, false),
+        ("1 thread, direct only", 1, Threading::Auto, false),
+    ];
+    let nets: Vec<_> = configs
+        .iter()
+        .map(|&(_, threads, threading, winograd)| {
+            let options = FastOptions {
+                simd: SimdChoice::Auto,
+                threads,
+                threading,
+                winograd,
+            };
+            FastResNet::with_options(&ckpt.spec, &ckpt.tensors, &options).unwrap()
+        })
+        .collect();
+    for batch in [1usize, 64] {
+        let x = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), &Device::Cpu).unwrap();
+        let mut results = vec![Vec::new(); configs.len()];
+        for _ in 0..rounds {
+            for (k, net) in nets.iter().enumerate() {
+                net.forward(&x).unwrap();
+                let (wall, cpu) = (std::time::Instant::now(), process_cpu_seconds());
+                let mut passes = 0;
+                while passes == 0 || wall.elapsed().as_secs_f64() < seconds {
+                    std::hint::black_box(net.forward(&x).unwrap());
+                    passes += 1;
+                }
+                let images = (passes * batch) as f64;
+                let per_cpu = match (cpu, process_cpu_seconds()) {
+                    (Some(a), Some(b)) if b > a => images / (b - a),
+                    _ => f64::NAN,
+                };
+                results[k].push((images / wall.elapsed().as_secs_f64(), per_cpu));
+            }
+        }
+        for (k, (name, ..)) in configs.iter().enumerate() {
+            let walls: Vec<String> = results[k].iter().map(|r| format!("{:.0}", r.0)).collect();
+            let cpus: Vec<String> = results[k].iter().map(|r| format!("{:.0}", r.1)).collect();
+            eprintln!(
+                "batch {batch:>2} {name:<30} img/s {:<24} img/CPU-s {}",
+                walls.join(" "),
+                cpus.join(" ")
+            );
+        }
+    }
 }

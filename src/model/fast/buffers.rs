@@ -47,7 +47,7 @@ impl Plane {
     }
 
     /// Floats in the whole bordered image.
-    pub const fn len(&self) -> usize {
+    pub const fn floats(&self) -> usize {
         (self.h + 2) * (self.w + 2) * self.c
     }
 
@@ -84,7 +84,7 @@ mod tests {
     #[test]
     fn plane_indexing_skips_the_border() {
         let p = Plane::new(32, 32, 16);
-        assert_eq!(p.len(), 34 * 34 * 16);
+        assert_eq!(p.floats(), 34 * 34 * 16);
         assert_eq!(p.at(0, 0), 34 * 16 + 16);
         assert_eq!(p.rows(&(0..32)), 34 * 16..33 * 34 * 16);
     }

@@ -15,6 +15,8 @@ pub mod kernels;
 pub mod network;
 pub mod parallel;
 pub mod simd;
+#[cfg(test)]
+mod testing;
 pub mod winograd;
 pub mod workspace;
 
@@ -25,7 +27,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Storage, Tensor};
 
 use self::network::Network;
-use self::parallel::{Alone, SpinBarrier, Team};
+use self::parallel::{Alone, Partition, SpinBarrier, Team, TeamChooser};
 pub use self::simd::{SimdLevel, UnsupportedSimd};
 use self::winograd::Scratch;
 use self::workspace::Buffers;
@@ -64,12 +66,24 @@ pub enum Threading {
     Layers,
 }
 
-/// Each thread's buffers for whole images and its Winograd scratch, and the buffers a team
-/// shares for one image.
+/// Most images a thread runs together, layer by layer: enough for the widest Winograd layers to
+/// reuse their transformed filters across images, few enough for the activations to stay in cache.
+pub const MICRO_BATCH: usize = 8;
+
+/// One thread's buffers for a micro-batch of whole images, and its Winograd scratch.
+#[derive(Debug)]
+struct ThreadSpace {
+    images: Vec<Buffers>,
+    scratch: Scratch,
+}
+
+/// Every thread's space, the buffers a team shares for one image, and what has been learnt about
+/// running small batches.
 #[derive(Debug)]
 struct Workspace {
-    own: Vec<(Buffers, Scratch)>,
+    own: Vec<ThreadSpace>,
     team: Buffers,
+    chooser: TeamChooser,
 }
 
 /// How to build a [`FastResNet`]; [`FastResNet::new`] uses the defaults.
@@ -135,9 +149,15 @@ impl FastResNet {
         let net = Network::load(spec, tensors, simd, options.winograd)?;
         let workspace = Workspace {
             own: (0..threads)
-                .map(|_| (Buffers::new(net.planes()), Scratch::default()))
+                .map(|_| ThreadSpace {
+                    images: (0..MICRO_BATCH)
+                        .map(|_| Buffers::new(net.planes()))
+                        .collect(),
+                    scratch: Scratch::default(),
+                })
                 .collect(),
             team: Buffers::new(net.planes()),
+            chooser: TeamChooser::default(),
         };
         tracing::debug!(%simd, threads, winograd = options.winograd, "fast engine ready");
         Ok(Self {
@@ -198,56 +218,76 @@ impl FastResNet {
             .workspace
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let Workspace { own, team } = &mut *guard;
+        let Workspace { own, team, chooser } = &mut *guard;
         let threads = self.threads.min(own.len()).max(1);
-        // Images [0, whole) go one per thread; the rest are split layer by layer.
-        let whole = match self.threading {
-            _ if threads == 1 => n,
-            Threading::Auto => n - n % threads,
-            Threading::Images => n,
-            Threading::Layers => 0,
+        // Images [0, whole) go to threads whole; the rest are split layer by layer.
+        let split = n % threads;
+        let (whole, learn) = match self.threading {
+            _ if threads == 1 || split == 0 => (n, false),
+            // Only batches that are all remainder measure the choice cleanly.
+            Threading::Auto if n < threads => (if chooser.choose() { 0 } else { n }, true),
+            Threading::Auto if chooser.prefers_team() => (n - split, false),
+            Threading::Auto => (n, false),
+            Threading::Images => (n, false),
+            Threading::Layers => (0, false),
         };
+        let started = std::time::Instant::now();
+        // Micro-batches small enough that every thread gets work.
+        let chunk = (whole / threads).clamp(1, MICRO_BATCH);
         let next = AtomicUsize::new(0);
         let results = Mutex::new(&mut *logits);
         let team = team.share();
         let barrier = SpinBarrier::new(threads);
-        let work = |index: usize, (own, scratch): &mut (Buffers, Scratch)| {
-            let own = own.share();
-            let mut out = vec![0.0f32; classes];
+        let work = |index: usize, space: &mut ThreadSpace| {
+            let ThreadSpace {
+                images: bufs,
+                scratch,
+            } = space;
+            let own: Vec<_> = bufs.iter_mut().map(Buffers::share).collect();
+            let mut out = vec![0.0f32; MICRO_BATCH * classes];
             loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= whole {
+                let start = next.fetch_add(chunk, Ordering::Relaxed);
+                if start >= whole {
                     break;
                 }
-                self.net.run_image(
-                    &images[i * image_len..(i + 1) * image_len],
-                    &own,
+                let end = (start + chunk).min(whole);
+                let out = &mut out[..(end - start) * classes];
+                self.net.run_batch(
+                    &images[start * image_len..end * image_len],
+                    &own[..end - start],
                     &Alone,
                     scratch,
-                    Some(&mut out),
+                    Some(out),
                 );
                 let mut results = results.lock().unwrap_or_else(|p| p.into_inner());
-                results[i * classes..(i + 1) * classes].copy_from_slice(&out);
+                results[start * classes..end * classes].copy_from_slice(out);
             }
             let part = Team {
                 index,
                 barrier: &barrier,
             };
             for i in whole..n {
-                self.net.run_image(
+                let out = &mut out[..classes];
+                self.net.run_batch(
                     &images[i * image_len..(i + 1) * image_len],
-                    &team,
+                    std::slice::from_ref(&team),
                     &part,
                     scratch,
-                    Some(&mut out),
+                    Some(out),
                 );
-                if index == 0 {
+                if part.is_leader() {
                     let mut results = results.lock().unwrap_or_else(|p| p.into_inner());
-                    results[i * classes..(i + 1) * classes].copy_from_slice(&out);
+                    results[i * classes..(i + 1) * classes].copy_from_slice(out);
                 }
             }
         };
-        let mut own = own.iter_mut().take(threads);
+        // Threads with something to do: all of them when a team runs, else one per micro-batch.
+        let active = if whole < n {
+            threads
+        } else {
+            whole.div_ceil(chunk).min(threads)
+        };
+        let mut own = own.iter_mut().take(active);
         std::thread::scope(|s| {
             let first = own.next();
             for (index, buffers) in own.enumerate() {
@@ -258,5 +298,8 @@ impl FastResNet {
                 work(0, buffers);
             }
         });
+        if learn {
+            chooser.record(whole < n, started.elapsed().as_secs_f64() / n as f64);
+        }
     }
 }

@@ -251,7 +251,7 @@ impl Network {
         self.blocks.last().map_or(self.stem_output, |b| b.output)
     }
 
-    /// One convolution over this thread's rows.
+    /// One direct convolution of every image of the micro-batch, over this thread's rows.
     ///
     /// # Safety
     /// Between two `sync`s of the partition, no thread writes `src` or `res`, and the threads
@@ -260,7 +260,7 @@ impl Network {
     unsafe fn conv(
         &self,
         layer: &ConvLayer,
-        bufs: &Shared<'_>,
+        batch: &[Shared<'_>],
         part: &impl Partition,
         src: usize,
         dst: usize,
@@ -270,21 +270,23 @@ impl Network {
         let (src_plane, dst_plane) = (self.planes[src], self.planes[dst]);
         let rows = part.rows(dst_plane.h);
         let band = dst_plane.rows(&rows);
-        // SAFETY: the function contract.
-        unsafe {
-            layer.run(ConvTask {
-                input: bufs.read(src),
-                src: src_plane,
-                output: bufs.write(dst, band.clone()),
-                dst: dst_plane,
-                rows,
-                residual: res.map(|id| &bufs.read(id)[band]),
-                relu,
-            });
+        for bufs in batch {
+            // SAFETY: the function contract.
+            unsafe {
+                layer.run(ConvTask {
+                    input: bufs.read(src),
+                    src: src_plane,
+                    output: bufs.write(dst, band.clone()),
+                    dst: dst_plane,
+                    rows: rows.clone(),
+                    residual: res.map(|id| &bufs.read(id)[band.clone()]),
+                    relu,
+                });
+            }
         }
     }
 
-    /// A 3x3 convolution of a block, with ReLU.
+    /// A 3x3 convolution of a block, with ReLU, for every image of the micro-batch.
     ///
     /// # Safety
     /// As for [`Self::conv`].
@@ -292,81 +294,159 @@ impl Network {
     unsafe fn conv3x3(
         &self,
         layer: &Conv3x3,
-        bufs: &Shared<'_>,
+        batch: &[Shared<'_>],
         part: &impl Partition,
         scratch: &mut Scratch,
         src: usize,
         dst: usize,
         res: Option<usize>,
     ) {
-        let layer = match layer {
+        match layer {
             // SAFETY: the function contract.
-            Conv3x3::Direct(layer) => return unsafe { self.conv(layer, bufs, part, src, dst, res, true) },
-            Conv3x3::Winograd(layer) => layer,
-        };
-        let (src_plane, dst_plane) = (self.planes[src], self.planes[dst]);
-        // Whole tiles: a thread's band is a run of tile rows.
-        let tiles = part.rows(dst_plane.h / TILE);
-        let rows = tiles.start * TILE..tiles.end * TILE;
-        let band = dst_plane.rows(&rows);
-        // SAFETY: the function contract.
-        unsafe {
-            layer.run(
-                bufs.read(src),
-                src_plane,
-                bufs.write(dst, band.clone()),
-                dst_plane,
-                rows,
-                res.map(|id| &bufs.read(id)[band]),
-                true,
-                scratch,
-            );
+            Conv3x3::Direct(layer) => unsafe { self.conv(layer, batch, part, src, dst, res, true) },
+            // SAFETY: the function contract.
+            Conv3x3::Winograd(layer) => unsafe {
+                self.winograd(layer, batch, part, scratch, src, dst, res)
+            },
         }
     }
 
-    /// Runs one image (`[3, 32, 32]`, normalised, NCHW) through the network. Every thread of the
-    /// partition calls this with the same arguments; the leader writes the logits.
+    /// A Winograd convolution: this thread's tile rows of every image, gathered into groups of
+    /// about `group_tiles()` tiles (several images' worth for the narrow, wide layers) so that
+    /// each group reads the transformed filters once.
+    ///
+    /// # Safety
+    /// As for [`Self::conv`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn winograd(
+        &self,
+        layer: &WinogradLayer,
+        batch: &[Shared<'_>],
+        part: &impl Partition,
+        scratch: &mut Scratch,
+        src: usize,
+        dst: usize,
+        res: Option<usize>,
+    ) {
+        let (src_plane, dst_plane) = (self.planes[src], self.planes[dst]);
+        let tiles_x = dst_plane.w / TILE;
+        // Whole tiles: a thread's band is a run of tile rows.
+        let band = part.rows(dst_plane.h / TILE);
+        let rows_per_image = band.len();
+        if rows_per_image == 0 {
+            return;
+        }
+        let per_group = (layer.group_tiles() / tiles_x).max(1);
+        // Tile rows of all images, in order: (image, tile row); a group is a run of them.
+        let total = batch.len() * rows_per_image;
+        let at = |k: usize| (k / rows_per_image, band.start + k % rows_per_image);
+        let mut start = 0;
+        while start < total {
+            let end = (start + per_group).min(total);
+            let n = (end - start) * tiles_x;
+            // Each image's part of the group: consecutive tile rows, tiles `offset..` of it.
+            let segments = || {
+                let mut k = start;
+                std::iter::from_fn(move || {
+                    if k >= end {
+                        return None;
+                    }
+                    let (image, first) = at(k);
+                    let last = (end - k).min(band.end - first) + first;
+                    let offset = (k - start) * tiles_x;
+                    k += last - first;
+                    Some((image, first..last, offset))
+                })
+            };
+            for (image, tiles, offset) in segments() {
+                // SAFETY: the function contract (nobody writes `src` in this phase).
+                let input = unsafe { batch[image].read(src) };
+                layer.transform_input(input, src_plane, tiles, (offset, n), scratch);
+            }
+            layer.multiply(n, scratch);
+            for (image, tiles, offset) in segments() {
+                let rows = dst_plane.rows(&(tiles.start * TILE..tiles.end * TILE));
+                let bufs = &batch[image];
+                // SAFETY: the function contract: these rows of `dst` are this thread's.
+                let (output, residual) = unsafe {
+                    (
+                        bufs.write(dst, rows.clone()),
+                        res.map(|id| &bufs.read(id)[rows]),
+                    )
+                };
+                layer.transform_output(
+                    scratch,
+                    (offset, n),
+                    tiles,
+                    output,
+                    dst_plane,
+                    residual,
+                    true,
+                );
+            }
+            start = end;
+        }
+    }
+
+    /// Runs a micro-batch of images (`n * [3, 32, 32]`, normalised, NCHW; `batch[i]` holds image
+    /// i's buffers) through the network, layer by layer. Every thread of the partition calls
+    /// this with the same arguments; the leader writes the logits (`n * classes`).
     ///
     /// The phases, separated by `sync`: input (writes INPUT), stem (INPUT -> stem output), then
     /// per block conv1 + shortcut (input -> mid, shortcut buffer) and conv2 (mid + residual ->
     /// output). Within a phase no buffer is both read and written, and threads write disjoint
     /// rows; that is what makes the `Shared` accesses below sound.
-    pub fn run_image(
+    pub fn run_batch(
         &self,
-        image: &[f32],
-        bufs: &Shared<'_>,
+        images: &[f32],
+        batch: &[Shared<'_>],
         part: &impl Partition,
         scratch: &mut Scratch,
         logits: Option<&mut [f32]>,
     ) {
         let input = self.planes[INPUT];
-        assert_eq!(image.len(), input.h * input.w * input.c, "image size");
+        let image_len = input.h * input.w * input.c;
+        assert_eq!(images.len(), batch.len() * image_len, "micro-batch size");
         let rows = part.rows(input.h);
-        // SAFETY: this phase writes only this thread's rows of INPUT.
-        let dst = unsafe { bufs.write(INPUT, input.rows(&rows)) };
-        for (i, y) in rows.enumerate() {
-            for x in 0..input.w {
-                let at = input.at(i, x) - input.row_len();
-                for c in 0..input.c {
-                    dst[at + c] = image[(c * input.h + y) * input.w + x];
+        for (image, bufs) in images.chunks_exact(image_len).zip(batch) {
+            // SAFETY: this phase writes only this thread's rows of INPUT.
+            let dst = unsafe { bufs.write(INPUT, input.rows(&rows)) };
+            for (i, y) in rows.clone().enumerate() {
+                for x in 0..input.w {
+                    let at = input.at(i, x) - input.row_len();
+                    for c in 0..input.c {
+                        dst[at + c] = image[(c * input.h + y) * input.w + x];
+                    }
                 }
             }
         }
         part.sync();
-        // SAFETY (every `conv` below): the phase discipline in the doc comment.
-        unsafe { self.conv(&self.stem, bufs, part, INPUT, self.stem_output, None, true) };
+        // SAFETY (every convolution below): the phase discipline in the doc comment.
+        unsafe { self.conv(&self.stem, batch, part, INPUT, self.stem_output, None, true) };
         part.sync();
         for block in &self.blocks {
-            unsafe { self.conv3x3(&block.conv1, bufs, part, scratch, block.input, block.mid, None) };
+            unsafe {
+                self.conv3x3(
+                    &block.conv1,
+                    batch,
+                    part,
+                    scratch,
+                    block.input,
+                    block.mid,
+                    None,
+                )
+            };
             let residual = match &block.shortcut {
                 ShortcutPlan::Identity => block.input,
                 ShortcutPlan::Projection { conv, buf } => {
-                    unsafe { self.conv(conv, bufs, part, block.input, *buf, None, false) };
+                    unsafe { self.conv(conv, batch, part, block.input, *buf, None, false) };
                     *buf
                 }
                 ShortcutPlan::ZeroPad { pad, buf } => {
-                    // SAFETY: reads the block input, writes this thread's rows of `buf`.
-                    unsafe { self.zero_pad_shortcut(bufs, part, block.input, *buf, *pad) };
+                    for bufs in batch {
+                        // SAFETY: reads the block input, writes this thread's rows of `buf`.
+                        unsafe { self.zero_pad_shortcut(bufs, part, block.input, *buf, *pad) };
+                    }
                     *buf
                 }
             };
@@ -374,7 +454,7 @@ impl Network {
             unsafe {
                 self.conv3x3(
                     &block.conv2,
-                    bufs,
+                    batch,
                     part,
                     scratch,
                     block.mid,
@@ -385,11 +465,14 @@ impl Network {
             part.sync();
         }
         if let (true, Some(logits)) = (part.is_leader(), logits) {
-            // SAFETY: after the last sync nobody writes the last output until the next image's
-            // stem, which starts only after the next image's input phase and its sync, which the
-            // leader reaches after finishing here.
-            let last = unsafe { bufs.read(self.last_output()) };
-            self.head(last, self.planes[self.last_output()], logits);
+            let last = self.last_output();
+            for (bufs, logits) in batch.iter().zip(logits.chunks_exact_mut(self.classes)) {
+                // SAFETY: after the last sync nobody writes the last output until the next
+                // batch's stem, which starts only after the next input phase and its sync,
+                // which the leader reaches after finishing here.
+                let features = unsafe { bufs.read(last) };
+                self.head(features, self.planes[last], logits);
+            }
         }
     }
 

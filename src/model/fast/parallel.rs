@@ -113,9 +113,123 @@ impl Partition for Team<'_> {
     }
 }
 
+/// Shortest and longest run of calls between two tries of the mode that currently looks slower.
+const MIN_EXPLORE_INTERVAL: u64 = 8;
+const MAX_EXPLORE_INTERVAL: u64 = 1024;
+/// Weight of the newest measurement in the running average.
+const EMA_WEIGHT: f64 = 0.3;
+
+/// Learns from wall times whether images that cannot go one per thread (a batch smaller than
+/// the thread count) run faster with every layer split between threads or on one thread.
+///
+/// Splitting layers needs all threads at each of the ~56 barriers of an image: on an idle
+/// machine that nearly divides the latency by the thread count, but when other processes keep
+/// the cores busy every barrier waits for a descheduled partner and it is many times slower than
+/// one thread. Which holds changes with the machine's load, so it is measured, not assumed: the
+/// faster mode is used, the other retried now and then (less often while it keeps losing).
+#[derive(Debug, Clone)]
+pub struct TeamChooser {
+    team: Option<f64>,
+    alone: Option<f64>,
+    calls: u64,
+    next_try: u64,
+    interval: u64,
+    /// The last choice was a retry of the slower mode, whose average is stale.
+    exploring: bool,
+}
+
+impl Default for TeamChooser {
+    fn default() -> Self {
+        Self {
+            team: None,
+            alone: None,
+            exploring: false,
+            calls: 0,
+            next_try: MIN_EXPLORE_INTERVAL,
+            interval: MIN_EXPLORE_INTERVAL,
+        }
+    }
+}
+
+impl TeamChooser {
+    fn team_is_faster(&self) -> Option<bool> {
+        Some(self.team? <= self.alone?)
+    }
+
+    /// The mode that currently looks faster (the team until measured otherwise).
+    pub fn prefers_team(&self) -> bool {
+        self.team_is_faster().unwrap_or(true)
+    }
+
+    /// Whether the next call should split its layers between threads.
+    pub fn choose(&mut self) -> bool {
+        self.calls += 1;
+        self.exploring = false;
+        match (self.team, self.alone, self.team_is_faster()) {
+            (None, ..) => true,
+            (_, None, _) => false,
+            (.., Some(team_faster)) if self.calls >= self.next_try => {
+                self.next_try = self.calls + self.interval;
+                self.interval = (2 * self.interval).min(MAX_EXPLORE_INTERVAL);
+                self.exploring = true;
+                !team_faster
+            }
+            (.., team_faster) => team_faster.unwrap_or(true),
+        }
+    }
+
+    /// Records how long a call took per image in the mode it used.
+    pub fn record(&mut self, team: bool, seconds_per_image: f64) {
+        let before = self.team_is_faster();
+        let average = if team {
+            &mut self.team
+        } else {
+            &mut self.alone
+        };
+        *average = Some(match *average {
+            Some(old) if !self.exploring => old + EMA_WEIGHT * (seconds_per_image - old),
+            _ => seconds_per_image,
+        });
+        if before.is_some() && before != self.team_is_faster() {
+            // The machine changed: look again soon.
+            self.interval = MIN_EXPLORE_INTERVAL;
+            self.next_try = self.calls + MIN_EXPLORE_INTERVAL;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Simulates calls whose per-image time is `team_s` or `alone_s`; returns the modes used.
+    fn drive(chooser: &mut TeamChooser, calls: usize, team_s: f64, alone_s: f64) -> Vec<bool> {
+        (0..calls)
+            .map(|_| {
+                let team = chooser.choose();
+                chooser.record(team, if team { team_s } else { alone_s });
+                team
+            })
+            .collect()
+    }
+
+    #[test]
+    fn chooser_settles_on_the_faster_mode_and_keeps_checking_the_other() {
+        let mut chooser = TeamChooser::default();
+        // Busy machine: the team is eight times slower.
+        let modes = drive(&mut chooser, 2000, 8e-3, 1e-3);
+        assert!(modes[0], "tries the team first");
+        assert!(!modes[1], "then one thread");
+        let team_calls = modes.iter().filter(|&&t| t).count();
+        assert!((2..=12).contains(&team_calls), "{team_calls} team calls");
+        // The machine goes idle: the team becomes twice as fast and is adopted.
+        let modes = drive(&mut chooser, 3000, 0.5e-3, 1e-3);
+        let late_team = modes[1500..].iter().filter(|&&t| t).count();
+        assert!(
+            late_team > 1490,
+            "{late_team} of the last 1500 calls used the team"
+        );
+    }
 
     #[test]
     fn team_bands_cover_every_row_once() {

@@ -19,8 +19,8 @@ pub const TILE: usize = 4;
 const ALPHA: usize = TILE + 2;
 /// Positions of the transformed tile.
 const POSITIONS: usize = ALPHA * ALPHA;
-/// Most tiles transformed together; bounds the scratch.
-pub const MAX_GROUP_TILES: usize = 16;
+/// Most tiles transformed together (possibly from several images); bounds the scratch.
+pub const MAX_GROUP_TILES: usize = 32;
 /// Widest layer the transforms are instantiated for.
 const MAX_CHANNELS: usize = 64;
 
@@ -51,19 +51,35 @@ impl Default for Scratch {
     }
 }
 
-type InputTransform = unsafe fn(&[f32], Plane, Range<usize>, &mut [f32]);
+type InputTransform = unsafe fn(&InputArgs<'_>, &mut [f32]);
 type OutputTransform = unsafe fn(&OutputArgs<'_>, &mut [f32]);
 
-/// What the output transform needs besides `M`.
+/// Where tiles sit in a group of `n` tiles: `[36][n][channels]`, these from index `offset`.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    offset: usize,
+    n: usize,
+}
+
+/// What the input transform reads.
+#[derive(Debug)]
+pub struct InputArgs<'a> {
+    input: &'a [f32],
+    src: Plane,
+    /// Tile rows to transform.
+    tiles: Range<usize>,
+    slot: Slot,
+}
+
+/// What the output transform needs besides the output band.
 #[derive(Debug)]
 pub struct OutputArgs<'a> {
     m: &'a [f32],
-    /// Tile rows of this group.
+    /// Tile rows to produce; the output band holds exactly their rows.
     tiles: Range<usize>,
+    slot: Slot,
     bias: &'a [f32],
     dst: Plane,
-    /// First output row of the band the output slice holds.
-    band_start: usize,
     residual: Option<&'a [f32]>,
     relu: bool,
 }
@@ -80,8 +96,8 @@ pub struct WinogradLayer {
     input: InputTransform,
     output: OutputTransform,
     gemm: Kernel<kernels::GemmKernel>,
-    /// Tile rows transformed together.
-    group_rows: usize,
+    /// Tiles to gather (over tile rows and images) before multiplying.
+    group_tiles: usize,
 }
 
 /// Whether F(4x4, 3x3) supports this convolution on a `h x w` image.
@@ -91,9 +107,9 @@ pub fn supports(conv: &FoldedConv, stride: usize, h: usize, w: usize) -> bool {
         && stride == 1
         && widths(conv.cin)
         && widths(conv.cout)
-        && h % TILE == 0
-        && w % TILE == 0
-        && (w / TILE) <= MAX_GROUP_TILES
+        && h.is_multiple_of(TILE)
+        && w.is_multiple_of(TILE)
+        && w / TILE <= MAX_GROUP_TILES
 }
 
 impl WinogradLayer {
@@ -123,10 +139,9 @@ impl WinogradLayer {
         }
         let mut bias = AlignedBuf::zeros(cout);
         bias.as_mut_slice().copy_from_slice(&conv.bias);
-        let tiles_x = w / TILE;
-        // Enough tiles per group for the matrix tiles to fill their registers, few enough for
-        // the scratch to stay in the first cache levels.
-        let group_rows = (8 / tiles_x).clamp(1, MAX_GROUP_TILES / tiles_x);
+        // Wider layers have larger transformed filters (36 cin x cout): gather more tiles per
+        // multiplication so that each filter matrix is read from memory once for all of them.
+        let group_tiles = (8 * cin / 16).clamp(w / TILE, MAX_GROUP_TILES);
         Self {
             cin,
             cout,
@@ -136,12 +151,81 @@ impl WinogradLayer {
             input: input_transform_for(level, cin),
             output: output_transform_for(level, cout),
             gemm: kernels::select_gemm(level, cin, cout),
-            group_rows,
+            group_tiles,
         }
     }
 
-    /// Output rows `rows` (multiples of 4) of the convolution of `input` into `output`, the
-    /// bordered rows `dst.rows(&rows)`; `residual` has the extent of `output`.
+    /// Tiles to gather before each [`Self::multiply`] (a whole number of tile rows).
+    pub fn group_tiles(&self) -> usize {
+        self.group_tiles
+    }
+
+    /// Transforms tile rows `tiles` of the bordered image `input` into the scratch, as tiles
+    /// `offset..` of a group of `n` tiles.
+    pub fn transform_input(
+        &self,
+        input: &[f32],
+        src: Plane,
+        tiles: Range<usize>,
+        (offset, n): (usize, usize),
+        scratch: &mut Scratch,
+    ) {
+        assert_eq!(src.c, self.cin, "input channels");
+        assert_eq!(input.len(), src.floats(), "input buffer");
+        assert!(
+            tiles.end * TILE <= src.h && src.w.is_multiple_of(TILE),
+            "tile rows"
+        );
+        assert!(offset + tiles.len() * (src.w / TILE) <= n && n <= MAX_GROUP_TILES);
+        let args = InputArgs {
+            input,
+            src,
+            tiles,
+            slot: Slot { offset, n },
+        };
+        let v = &mut scratch.v.as_mut_slice()[..POSITIONS * n * self.cin];
+        // SAFETY: the transform for this level was selected for a CPU that supports it (levels
+        // are checked when the engine is built); it indexes slices, so it is bounds-checked.
+        unsafe { (self.input)(&args, v) };
+    }
+
+    /// Transforms tiles `offset..` of the group of `n` back into tile rows `tiles` of the output
+    /// image: `output` holds exactly their bordered rows, `residual` (same extent) is added
+    /// before the optional ReLU.
+    #[allow(clippy::too_many_arguments)]
+    pub fn transform_output(
+        &self,
+        scratch: &Scratch,
+        (offset, n): (usize, usize),
+        tiles: Range<usize>,
+        output: &mut [f32],
+        dst: Plane,
+        residual: Option<&[f32]>,
+        relu: bool,
+    ) {
+        assert_eq!(dst.c, self.cout, "output channels");
+        let rows = tiles.start * TILE..tiles.end * TILE;
+        assert!(rows.end <= dst.h && dst.w.is_multiple_of(TILE), "tile rows");
+        assert_eq!(output.len(), dst.rows(&rows).len(), "output band");
+        if let Some(r) = residual {
+            assert_eq!(r.len(), output.len(), "residual band");
+        }
+        assert!(offset + tiles.len() * (dst.w / TILE) <= n && n <= MAX_GROUP_TILES);
+        let args = OutputArgs {
+            m: &scratch.m.as_slice()[..POSITIONS * n * self.cout],
+            tiles,
+            slot: Slot { offset, n },
+            bias: self.bias.as_slice(),
+            dst,
+            residual,
+            relu,
+        };
+        // SAFETY: as for the input transform.
+        unsafe { (self.output)(&args, output) };
+    }
+
+    /// Every output row of the convolution of one image, tile rows in groups (for tests and
+    /// simple callers; the network gathers tiles across images instead).
     #[allow(clippy::too_many_arguments)]
     pub fn run(
         &self,
@@ -149,50 +233,38 @@ impl WinogradLayer {
         src: Plane,
         output: &mut [f32],
         dst: Plane,
-        rows: Range<usize>,
         residual: Option<&[f32]>,
         relu: bool,
         scratch: &mut Scratch,
     ) {
-        assert_eq!((src.c, dst.c), (self.cin, self.cout), "channels");
-        assert_eq!((src.h, src.w), (dst.h, dst.w), "stride-1 shape");
-        assert_eq!(input.len(), src.len(), "input buffer");
-        assert!(rows.start % TILE == 0 && rows.end % TILE == 0 && rows.end <= dst.h);
-        assert_eq!(output.len(), dst.rows(&rows).len(), "output band");
-        if let Some(r) = residual {
-            assert_eq!(r.len(), output.len(), "residual band");
-        }
         let tiles_x = dst.w / TILE;
-        let mut ty = rows.start / TILE;
-        while ty < rows.end / TILE {
-            let tiles = ty..(ty + self.group_rows).min(rows.end / TILE);
+        let rows_per_group = (self.group_tiles / tiles_x).max(1);
+        let mut ty = 0;
+        while ty < dst.h / TILE {
+            let tiles = ty..(ty + rows_per_group).min(dst.h / TILE);
             let n = tiles.len() * tiles_x;
-            let v = &mut scratch.v.as_mut_slice()[..POSITIONS * n * self.cin];
-            // SAFETY: the transform for this level was selected for a CPU that supports it
-            // (levels are checked when the engine is built); it indexes slices, so it is
-            // bounds-checked.
-            unsafe { (self.input)(input, src, tiles.clone(), v) };
-            let m = &mut scratch.m.as_mut_slice()[..POSITIONS * n * self.cout];
-            self.multiply(v, m, n);
-            let args = OutputArgs {
-                m,
-                tiles: tiles.clone(),
-                bias: self.bias.as_slice(),
+            self.transform_input(input, src, tiles.clone(), (0, n), scratch);
+            self.multiply(n, scratch);
+            let band = dst.rows(&(tiles.start * TILE..tiles.end * TILE));
+            self.transform_output(
+                scratch,
+                (0, n),
+                tiles.clone(),
+                &mut output[band.clone()],
                 dst,
-                band_start: rows.start,
-                residual,
+                residual.map(|r| &r[band]),
                 relu,
-            };
-            // SAFETY: as for the input transform.
-            unsafe { (self.output)(&args, output) };
+            );
             ty = tiles.end;
         }
     }
 
-    /// `M[p] = V[p] U[p]` for the 36 positions, `n` tiles each.
-    fn multiply(&self, v: &[f32], m: &mut [f32], n: usize) {
+    /// `M[p] = V[p] U[p]` for the 36 positions of the `n` tiles in the scratch.
+    pub fn multiply(&self, n: usize, scratch: &mut Scratch) {
         let (cin, cout) = (self.cin, self.cout);
-        assert!(v.len() >= POSITIONS * n * cin && m.len() >= POSITIONS * n * cout);
+        assert!(n <= MAX_GROUP_TILES, "group size");
+        let v = &scratch.v.as_slice()[..POSITIONS * n * cin];
+        let m = &mut scratch.m.as_mut_slice()[..POSITIONS * n * cout];
         match self.gemm {
             Kernel::Scalar => {
                 for p in 0..POSITIONS {
@@ -268,25 +340,20 @@ fn channels<const C: usize>(s: &[f32], at: usize) -> &[f32; C] {
     s[at..at + C].try_into().expect("C floats")
 }
 
-/// `V = B^T d B` for every tile of tile rows `tiles` of the bordered image `input`.
+/// `V = B^T d B` for every tile of the tile rows `a.tiles`.
 #[inline(always)]
-fn input_transform<const C: usize, const FMA: bool>(
-    input: &[f32],
-    src: Plane,
-    tiles: Range<usize>,
-    v: &mut [f32],
-) {
-    let tiles_x = src.w / TILE;
-    let n = tiles.len() * tiles_x;
+fn input_transform<const C: usize, const FMA: bool>(a: &InputArgs<'_>, v: &mut [f32]) {
+    let tiles_x = a.src.w / TILE;
+    let Slot { offset, n } = a.slot;
     let mut cols = [[[0.0f32; C]; ALPHA]; ALPHA];
     let mut row = [[0.0f32; C]; ALPHA];
-    for (t_row, ty) in tiles.enumerate() {
+    for (t_row, ty) in a.tiles.clone().enumerate() {
         for tx in 0..tiles_x {
-            let t = t_row * tiles_x + tx;
+            let t = offset + t_row * tiles_x + tx;
             // The tile's input starts one pixel above and left of its output: bordered (4ty, 4tx).
-            let at = |i: usize, j: usize| (TILE * ty + i) * src.row_len() + (TILE * tx + j) * C;
+            let at = |i: usize, j: usize| (TILE * ty + i) * a.src.row_len() + (TILE * tx + j) * C;
             for (j, col) in cols.iter_mut().enumerate() {
-                let d = std::array::from_fn(|i| channels::<C>(input, at(i, j)));
+                let d = std::array::from_fn(|i| channels::<C>(a.input, at(i, j)));
                 input_1d::<C, FMA>(d, col);
             }
             for i in 0..ALPHA {
@@ -299,17 +366,19 @@ fn input_transform<const C: usize, const FMA: bool>(
     }
 }
 
-/// `Y = A^T M A` + bias (+ residual), ReLU, into the 4x4 output tiles of tile rows `a.tiles`.
+/// `Y = A^T M A` + bias (+ residual), ReLU, into the 4x4 output tiles of tile rows `a.tiles`;
+/// `out` holds exactly the bordered rows of those tiles.
 #[inline(always)]
 fn output_transform<const C: usize, const FMA: bool>(a: &OutputArgs<'_>, out: &mut [f32]) {
     let tiles_x = a.dst.w / TILE;
-    let n = a.tiles.len() * tiles_x;
+    let Slot { offset, n } = a.slot;
+    let band_start = TILE * a.tiles.start;
     let bias = channels::<C>(a.bias, 0);
     let mut cols = [[[0.0f32; C]; TILE]; ALPHA];
     let mut row = [[0.0f32; C]; TILE];
     for (t_row, ty) in a.tiles.clone().enumerate() {
         for tx in 0..tiles_x {
-            let t = t_row * tiles_x + tx;
+            let t = offset + t_row * tiles_x + tx;
             for (j, col) in cols.iter_mut().enumerate() {
                 let m = std::array::from_fn(|i| channels::<C>(a.m, ((i * ALPHA + j) * n + t) * C));
                 output_1d::<C, FMA>(m, col);
@@ -317,7 +386,7 @@ fn output_transform<const C: usize, const FMA: bool>(a: &OutputArgs<'_>, out: &m
             for (r, y) in (TILE * ty..TILE * ty + TILE).enumerate() {
                 output_1d::<C, FMA>(std::array::from_fn(|j| &cols[j][r]), &mut row);
                 for (x, values) in (TILE * tx..TILE * tx + TILE).zip(&row) {
-                    let at = a.dst.at(y, x) - a.dst.row_len() * (a.band_start + 1);
+                    let at = a.dst.at(y, x) - a.dst.row_len() * (band_start + 1);
                     let o: &mut [f32; C] = (&mut out[at..at + C]).try_into().expect("C floats");
                     for c in 0..C {
                         o[c] = values[c] + bias[c];
@@ -346,8 +415,8 @@ macro_rules! instantiate {
         /// # Safety
         /// The CPU supports the wrapper's target features.
         $(#[target_feature(enable = $features)])?
-        unsafe fn $input<const C: usize>(input: &[f32], src: Plane, tiles: Range<usize>, v: &mut [f32]) {
-            input_transform::<C, $fma>(input, src, tiles, v)
+        unsafe fn $input<const C: usize>(a: &InputArgs<'_>, v: &mut [f32]) {
+            input_transform::<C, $fma>(a, v)
         }
         /// # Safety
         /// The CPU supports the wrapper's target features.
@@ -391,5 +460,72 @@ fn output_transform_for(level: SimdLevel, c: usize) -> OutputTransform {
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 => by_width!(output_avx2, c),
         _ => by_width!(output_scalar, c),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::fast::testing::{image, noise, reference};
+
+    /// Every level the CPU has, every channel width, one and several tile rows per group, with
+    /// and without residual and ReLU, against the definition of the convolution.
+    #[test]
+    fn winograd_matches_the_definition_on_random_data() {
+        let shapes = [
+            (32, 32, 16, 16),
+            (16, 16, 32, 32),
+            (8, 8, 64, 64),
+            (4, 12, 16, 32),
+            (12, 8, 64, 16),
+        ];
+        for (i, &(h, w, cin, cout)) in shapes.iter().enumerate() {
+            let conv = FoldedConv {
+                cout,
+                cin,
+                k: 3,
+                weight: noise(cout * cin * 9, 200 + i as u64),
+                bias: noise(cout, 300 + i as u64),
+            };
+            assert!(supports(&conv, 1, h, w));
+            let (src, dst) = (Plane::new(h, w, cin), Plane::new(h, w, cout));
+            let input = image(src, 400 + i as u64);
+            let residual = image(dst, 500 + i as u64);
+            for level in SimdLevel::supported() {
+                let layer = WinogradLayer::new(&conv, w, level);
+                let mut scratch = Scratch::default();
+                for (res, relu) in [(None, false), (Some(&residual[..]), true)] {
+                    let mut got = vec![0.0; dst.floats()];
+                    layer.run(&input, src, &mut got, dst, res, relu, &mut scratch);
+                    let want = reference(&conv, 1, &input, src, dst, res, relu);
+                    // Winograd's rounding error grows with the magnitude of the partial sums,
+                    // so it is judged against the scale of the output.
+                    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                    for (j, (g, e)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - e).abs() <= 1e-4 * scale,
+                            "{level} {:?}: at {j} got {g}, want {e} (scale {scale})",
+                            shapes[i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn only_stride_one_3x3_convolutions_of_supported_widths_qualify() {
+        let conv = |cin, cout, k| FoldedConv {
+            cout,
+            cin,
+            k,
+            weight: vec![0.0; cout * cin * k * k],
+            bias: vec![0.0; cout],
+        };
+        assert!(supports(&conv(16, 16, 3), 1, 32, 32));
+        assert!(!supports(&conv(16, 16, 3), 2, 32, 32));
+        assert!(!supports(&conv(16, 16, 1), 1, 32, 32));
+        assert!(!supports(&conv(3, 16, 3), 1, 32, 32));
+        assert!(!supports(&conv(16, 16, 3), 1, 30, 32));
     }
 }

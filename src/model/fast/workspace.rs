@@ -20,7 +20,10 @@ impl Buffers {
     pub fn new(planes: &[Plane]) -> Self {
         assert!(planes.len() <= MAX_BUFFERS, "too many buffers in the plan");
         Self {
-            bufs: planes.iter().map(|p| AlignedBuf::zeros(p.len())).collect(),
+            bufs: planes
+                .iter()
+                .map(|p| AlignedBuf::zeros(p.floats()))
+                .collect(),
         }
     }
 

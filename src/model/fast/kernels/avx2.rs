@@ -90,7 +90,13 @@ unsafe fn gemm<const P: usize, const V: usize, const CIN: usize, const COUT: usi
 /// As for [`rows`], for this band.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn run_band<const P: usize, const V: usize, const CIN: usize, const COUT: usize, const S: usize>(
+unsafe fn run_band<
+    const P: usize,
+    const V: usize,
+    const CIN: usize,
+    const COUT: usize,
+    const S: usize,
+>(
     band: &Band<'_>,
 ) {
     // SAFETY: each call covers pixels x..x+Q <= band.width (caller's contract).

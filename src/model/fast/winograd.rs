@@ -308,11 +308,11 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
-/// `B^T d` on six channel vectors.
+/// `B^T d` on six vectors of `L` channels.
 #[inline(always)]
-fn input_1d<const C: usize, const FMA: bool>(d: [&[f32; C]; ALPHA], t: &mut [[f32; C]; ALPHA]) {
-    for c in 0..C {
-        let [d0, d1, d2, d3, d4, d5] = d.map(|d| d[c]);
+fn input_1d<const L: usize, const FMA: bool>(d: [&[f32; L]; ALPHA], t: &mut [[f32; L]; ALPHA]) {
+    for c in 0..L {
+        let [d0, d1, d2, d3, d4, d5] = [d[0][c], d[1][c], d[2][c], d[3][c], d[4][c], d[5][c]];
         t[0][c] = madd::<FMA>(4.0, d0, madd::<FMA>(-5.0, d2, d4));
         t[1][c] = madd::<FMA>(-4.0, d1 + d2, d3 + d4);
         t[2][c] = madd::<FMA>(4.0, d1 - d2, d4 - d3);
@@ -323,11 +323,11 @@ fn input_1d<const C: usize, const FMA: bool>(d: [&[f32; C]; ALPHA], t: &mut [[f3
     }
 }
 
-/// `A^T m` on six channel vectors, to four.
+/// `A^T m` on six vectors of `L` channels, to four.
 #[inline(always)]
-fn output_1d<const C: usize, const FMA: bool>(m: [&[f32; C]; ALPHA], o: &mut [[f32; C]; TILE]) {
-    for c in 0..C {
-        let [m0, m1, m2, m3, m4, m5] = m.map(|m| m[c]);
+fn output_1d<const L: usize, const FMA: bool>(m: [&[f32; L]; ALPHA], o: &mut [[f32; L]; TILE]) {
+    for c in 0..L {
+        let [m0, m1, m2, m3, m4, m5] = [m[0][c], m[1][c], m[2][c], m[3][c], m[4][c], m[5][c]];
         let (a, b, s, d) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
         o[0][c] = m0 + a + s;
         o[1][c] = madd::<FMA>(2.0, d, b);
@@ -336,30 +336,57 @@ fn output_1d<const C: usize, const FMA: bool>(m: [&[f32; C]; ALPHA], o: &mut [[f
     }
 }
 
-fn channels<const C: usize>(s: &[f32], at: usize) -> &[f32; C] {
-    s[at..at + C].try_into().expect("C floats")
+/// The `L` floats of `s` from `at`.
+#[inline(always)]
+fn lanes<const L: usize>(s: &[f32], at: usize) -> &[f32; L] {
+    s[at..at + L].try_into().expect("L floats")
 }
 
-/// `V = B^T d B` for every tile of the tile rows `a.tiles`.
+/// `V = B^T d B` for every tile of the tile rows `a.tiles`, `L` channels at a time (one
+/// register's worth, so that a tile's 36 vectors stay in registers and the first cache level).
 #[inline(always)]
-fn input_transform<const C: usize, const FMA: bool>(a: &InputArgs<'_>, v: &mut [f32]) {
+fn input_transform<const C: usize, const L: usize, const FMA: bool>(
+    a: &InputArgs<'_>,
+    v: &mut [f32],
+) {
     let tiles_x = a.src.w / TILE;
     let Slot { offset, n } = a.slot;
-    let mut cols = [[[0.0f32; C]; ALPHA]; ALPHA];
-    let mut row = [[0.0f32; C]; ALPHA];
+    let mut cols = [[[0.0f32; L]; ALPHA]; ALPHA];
+    let mut row = [[0.0f32; L]; ALPHA];
     for (t_row, ty) in a.tiles.clone().enumerate() {
         for tx in 0..tiles_x {
             let t = offset + t_row * tiles_x + tx;
             // The tile's input starts one pixel above and left of its output: bordered (4ty, 4tx).
-            let at = |i: usize, j: usize| (TILE * ty + i) * a.src.row_len() + (TILE * tx + j) * C;
-            for (j, col) in cols.iter_mut().enumerate() {
-                let d = std::array::from_fn(|i| channels::<C>(a.input, at(i, j)));
-                input_1d::<C, FMA>(d, col);
-            }
-            for i in 0..ALPHA {
-                input_1d::<C, FMA>(std::array::from_fn(|j| &cols[j][i]), &mut row);
-                for (j, r) in row.iter().enumerate() {
-                    v[((i * ALPHA + j) * n + t) * C..][..C].copy_from_slice(r);
+            let base = TILE * ty * a.src.row_len() + TILE * tx * C;
+            for c in (0..C).step_by(L) {
+                for (j, col) in cols.iter_mut().enumerate() {
+                    let at = base + j * C + c;
+                    let r = a.src.row_len();
+                    let x = a.input;
+                    let d = [
+                        lanes::<L>(x, at),
+                        lanes::<L>(x, at + r),
+                        lanes::<L>(x, at + 2 * r),
+                        lanes::<L>(x, at + 3 * r),
+                        lanes::<L>(x, at + 4 * r),
+                        lanes::<L>(x, at + 5 * r),
+                    ];
+                    input_1d::<L, FMA>(d, col);
+                }
+                for i in 0..ALPHA {
+                    let t_i = [
+                        &cols[0][i],
+                        &cols[1][i],
+                        &cols[2][i],
+                        &cols[3][i],
+                        &cols[4][i],
+                        &cols[5][i],
+                    ];
+                    input_1d::<L, FMA>(t_i, &mut row);
+                    for (j, r) in row.iter().enumerate() {
+                        let at = ((i * ALPHA + j) * n + t) * C + c;
+                        v[at..at + L].copy_from_slice(r);
+                    }
                 }
             }
         }
@@ -367,71 +394,95 @@ fn input_transform<const C: usize, const FMA: bool>(a: &InputArgs<'_>, v: &mut [
 }
 
 /// `Y = A^T M A` + bias (+ residual), ReLU, into the 4x4 output tiles of tile rows `a.tiles`;
-/// `out` holds exactly the bordered rows of those tiles.
+/// `out` holds exactly the bordered rows of those tiles. `L` channels at a time.
 #[inline(always)]
-fn output_transform<const C: usize, const FMA: bool>(a: &OutputArgs<'_>, out: &mut [f32]) {
+fn output_transform<const C: usize, const L: usize, const FMA: bool>(
+    a: &OutputArgs<'_>,
+    out: &mut [f32],
+) {
     let tiles_x = a.dst.w / TILE;
     let Slot { offset, n } = a.slot;
     let band_start = TILE * a.tiles.start;
-    let bias = channels::<C>(a.bias, 0);
-    let mut cols = [[[0.0f32; C]; TILE]; ALPHA];
-    let mut row = [[0.0f32; C]; TILE];
+    let mut cols = [[[0.0f32; L]; TILE]; ALPHA];
+    let mut row = [[0.0f32; L]; TILE];
     for (t_row, ty) in a.tiles.clone().enumerate() {
         for tx in 0..tiles_x {
             let t = offset + t_row * tiles_x + tx;
-            for (j, col) in cols.iter_mut().enumerate() {
-                let m = std::array::from_fn(|i| channels::<C>(a.m, ((i * ALPHA + j) * n + t) * C));
-                output_1d::<C, FMA>(m, col);
-            }
-            for (r, y) in (TILE * ty..TILE * ty + TILE).enumerate() {
-                output_1d::<C, FMA>(std::array::from_fn(|j| &cols[j][r]), &mut row);
-                for (x, values) in (TILE * tx..TILE * tx + TILE).zip(&row) {
-                    let at = a.dst.at(y, x) - a.dst.row_len() * (band_start + 1);
-                    let o: &mut [f32; C] = (&mut out[at..at + C]).try_into().expect("C floats");
-                    for c in 0..C {
-                        o[c] = values[c] + bias[c];
-                    }
-                    if let Some(res) = a.residual {
-                        let r = channels::<C>(res, at);
-                        for c in 0..C {
-                            o[c] += r[c];
+            for c in (0..C).step_by(L) {
+                for (j, col) in cols.iter_mut().enumerate() {
+                    // Position (i, j) lies ALPHA * n * C floats after (i - 1, j).
+                    let (at, step) = ((j * n + t) * C + c, ALPHA * n * C);
+                    let m = [
+                        lanes::<L>(a.m, at),
+                        lanes::<L>(a.m, at + step),
+                        lanes::<L>(a.m, at + 2 * step),
+                        lanes::<L>(a.m, at + 3 * step),
+                        lanes::<L>(a.m, at + 4 * step),
+                        lanes::<L>(a.m, at + 5 * step),
+                    ];
+                    output_1d::<L, FMA>(m, col);
+                }
+                let bias = lanes::<L>(a.bias, c);
+                for r in 0..TILE {
+                    let s_r = [
+                        &cols[0][r],
+                        &cols[1][r],
+                        &cols[2][r],
+                        &cols[3][r],
+                        &cols[4][r],
+                        &cols[5][r],
+                    ];
+                    output_1d::<L, FMA>(s_r, &mut row);
+                    let y = TILE * (ty - a.tiles.start) + r;
+                    for (x, values) in (TILE * tx..TILE * tx + TILE).zip(&row) {
+                        let at = y * a.dst.row_len() + (x + 1) * C + c;
+                        let mut o = [0.0f32; L];
+                        for k in 0..L {
+                            o[k] = values[k] + bias[k];
                         }
-                    }
-                    if a.relu {
-                        for v in o.iter_mut() {
-                            *v = v.max(0.0);
+                        if let Some(res) = a.residual {
+                            let r = lanes::<L>(res, at);
+                            for k in 0..L {
+                                o[k] += r[k];
+                            }
                         }
+                        if a.relu {
+                            for v in o.iter_mut() {
+                                *v = v.max(0.0);
+                            }
+                        }
+                        out[at..at + L].copy_from_slice(&o);
                     }
                 }
             }
         }
     }
+    debug_assert!(band_start + TILE * a.tiles.len() <= a.dst.h);
 }
 
-/// Instantiates the transforms for one instruction set: `$name::<C>` wrappers that inline the
-/// generic code under `#[target_feature($features)]`.
 macro_rules! instantiate {
-    ($input:ident, $output:ident, $fma:literal $(, $features:literal)?) => {
+    ($input:ident, $output:ident, $lanes:literal, $fma:literal $(, $features:literal)?) => {
         /// # Safety
         /// The CPU supports the wrapper's target features.
         $(#[target_feature(enable = $features)])?
         unsafe fn $input<const C: usize>(a: &InputArgs<'_>, v: &mut [f32]) {
-            input_transform::<C, $fma>(a, v)
+            input_transform::<C, $lanes, $fma>(a, v)
         }
         /// # Safety
         /// The CPU supports the wrapper's target features.
         $(#[target_feature(enable = $features)])?
         unsafe fn $output<const C: usize>(a: &OutputArgs<'_>, out: &mut [f32]) {
-            output_transform::<C, $fma>(a, out)
+            output_transform::<C, $lanes, $fma>(a, out)
         }
     };
 }
 
-instantiate!(input_scalar, output_scalar, false);
+// Lanes: one register of the instruction set (the portable build assumes 128-bit vectors).
+instantiate!(input_scalar, output_scalar, 4, false);
 #[cfg(target_arch = "x86_64")]
-instantiate!(input_avx2, output_avx2, true, "avx2,fma");
+instantiate!(input_avx2, output_avx2, 8, true, "avx2,fma");
 #[cfg(target_arch = "x86_64")]
-instantiate!(input_avx512, output_avx512, true, "avx512f,avx2,fma");
+instantiate!(input_avx512, output_avx512, 16, true, "avx512f,avx2,fma");
 
 macro_rules! by_width {
     ($f:ident, $c:expr) => {

@@ -21,13 +21,14 @@ pub mod winograd;
 pub mod workspace;
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Storage, Tensor};
 
 use self::network::Network;
-use self::parallel::{Alone, Partition, SpinBarrier, Team, TeamChooser};
+use self::parallel::{Alone, BreakOnPanic, Partition, SpinBarrier, Team, TeamChooser};
 pub use self::simd::{SimdLevel, UnsupportedSimd};
 use self::winograd::Scratch;
 use self::workspace::Buffers;
@@ -204,7 +205,18 @@ impl FastResNet {
         let start = layout.start_offset();
         let images = &cpu.as_slice::<f32>()?[start..start + n * c * h * w];
         let mut logits = vec![0.0f32; n * self.net.classes()];
-        self.run(images, n, &mut logits);
+        // A panic here is a bug; report it as an error of this pass rather than take down the
+        // caller's thread (the workspace holds nothing that a failed pass could corrupt).
+        std::panic::catch_unwind(AssertUnwindSafe(|| self.run(images, n, &mut logits))).map_err(
+            |panic| {
+                let reason = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                candle_core::Error::Msg(format!("fast engine: internal error: {reason}"))
+            },
+        )?;
         Tensor::from_vec(logits, (n, self.net.classes()), &Device::Cpu)
     }
 
@@ -239,6 +251,7 @@ impl FastResNet {
         let team = team.share();
         let barrier = SpinBarrier::new(threads);
         let work = |index: usize, space: &mut ThreadSpace| {
+            let _release_team = BreakOnPanic(&barrier);
             let ThreadSpace {
                 images: bufs,
                 scratch,

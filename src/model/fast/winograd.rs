@@ -336,10 +336,27 @@ fn output_1d<const L: usize, const FMA: bool>(m: [&[f32; L]; ALPHA], o: &mut [[f
     }
 }
 
-/// The `L` floats of `s` from `at`.
+/// The `L` floats of `s` from `at`, unchecked: the transforms check their extent once per call
+/// (bounds checks on every vector cost them some 10%).
+///
+/// # Safety
+/// `at + L <= s.len()`.
 #[inline(always)]
-fn lanes<const L: usize>(s: &[f32], at: usize) -> &[f32; L] {
-    s[at..at + L].try_into().expect("L floats")
+unsafe fn lanes<const L: usize>(s: &[f32], at: usize) -> &[f32; L] {
+    debug_assert!(at + L <= s.len());
+    // SAFETY: in bounds (contract); `[f32; L]` has the alignment of `f32`.
+    unsafe { &*s.as_ptr().add(at).cast::<[f32; L]>() }
+}
+
+/// Writes `L` floats into `s` from `at`, unchecked.
+///
+/// # Safety
+/// `at + L <= s.len()`.
+#[inline(always)]
+unsafe fn store<const L: usize>(s: &mut [f32], at: usize, values: &[f32; L]) {
+    debug_assert!(at + L <= s.len());
+    // SAFETY: in bounds (contract); `values` is a distinct local array.
+    unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), s.as_mut_ptr().add(at), L) };
 }
 
 /// `V = B^T d B` for every tile of the tile rows `a.tiles`, `L` channels at a time (one
@@ -351,6 +368,19 @@ fn input_transform<const C: usize, const L: usize, const FMA: bool>(
 ) {
     let tiles_x = a.src.w / TILE;
     let Slot { offset, n } = a.slot;
+    if a.tiles.is_empty() {
+        return;
+    }
+    // The extent of every access below: the last tile's last input pixel, and the last position
+    // of the last tile in V.
+    assert!(C % L == 0 && a.src.c == C && a.src.w % TILE == 0);
+    let last_tile = offset + a.tiles.len() * tiles_x - 1;
+    assert!(last_tile < n && (POSITIONS * n) * C <= v.len(), "V extent");
+    assert!(
+        (TILE * (a.tiles.end - 1) + ALPHA) * a.src.row_len() <= a.input.len()
+            && TILE * (tiles_x - 1) + ALPHA <= a.src.w + 2,
+        "input extent"
+    );
     let mut cols = [[[0.0f32; L]; ALPHA]; ALPHA];
     let mut row = [[0.0f32; L]; ALPHA];
     for (t_row, ty) in a.tiles.clone().enumerate() {
@@ -363,14 +393,18 @@ fn input_transform<const C: usize, const L: usize, const FMA: bool>(
                     let at = base + j * C + c;
                     let r = a.src.row_len();
                     let x = a.input;
-                    let d = [
-                        lanes::<L>(x, at),
-                        lanes::<L>(x, at + r),
-                        lanes::<L>(x, at + 2 * r),
-                        lanes::<L>(x, at + 3 * r),
-                        lanes::<L>(x, at + 4 * r),
-                        lanes::<L>(x, at + 5 * r),
-                    ];
+                    // SAFETY: rows 4ty..4ty+6 and columns 4tx..4tx+6 of the bordered input are
+                    // within the extent asserted above.
+                    let d = unsafe {
+                        [
+                            lanes::<L>(x, at),
+                            lanes::<L>(x, at + r),
+                            lanes::<L>(x, at + 2 * r),
+                            lanes::<L>(x, at + 3 * r),
+                            lanes::<L>(x, at + 4 * r),
+                            lanes::<L>(x, at + 5 * r),
+                        ]
+                    };
                     input_1d::<L, FMA>(d, col);
                 }
                 for i in 0..ALPHA {
@@ -385,7 +419,8 @@ fn input_transform<const C: usize, const L: usize, const FMA: bool>(
                     input_1d::<L, FMA>(t_i, &mut row);
                     for (j, r) in row.iter().enumerate() {
                         let at = ((i * ALPHA + j) * n + t) * C + c;
-                        v[at..at + L].copy_from_slice(r);
+                        // SAFETY: position < 36, tile t < n, channel c + L <= C: inside V.
+                        unsafe { store::<L>(v, at, r) };
                     }
                 }
             }
@@ -402,7 +437,22 @@ fn output_transform<const C: usize, const L: usize, const FMA: bool>(
 ) {
     let tiles_x = a.dst.w / TILE;
     let Slot { offset, n } = a.slot;
-    let band_start = TILE * a.tiles.start;
+    if a.tiles.is_empty() {
+        return;
+    }
+    // The extent of every access below: M's last position of the last tile, and the last pixel
+    // of the band in the output and residual.
+    assert!(C % L == 0 && a.dst.c == C && a.dst.w % TILE == 0 && a.bias.len() >= C);
+    assert!(
+        offset + a.tiles.len() * tiles_x <= n && POSITIONS * n * C <= a.m.len(),
+        "M extent"
+    );
+    let band_len = TILE * a.tiles.len() * a.dst.row_len();
+    assert!(band_len <= out.len(), "output extent");
+    assert!(
+        a.residual.is_none_or(|r| r.len() == out.len()),
+        "residual extent"
+    );
     let mut cols = [[[0.0f32; L]; TILE]; ALPHA];
     let mut row = [[0.0f32; L]; TILE];
     for (t_row, ty) in a.tiles.clone().enumerate() {
@@ -412,17 +462,21 @@ fn output_transform<const C: usize, const L: usize, const FMA: bool>(
                 for (j, col) in cols.iter_mut().enumerate() {
                     // Position (i, j) lies ALPHA * n * C floats after (i - 1, j).
                     let (at, step) = ((j * n + t) * C + c, ALPHA * n * C);
-                    let m = [
-                        lanes::<L>(a.m, at),
-                        lanes::<L>(a.m, at + step),
-                        lanes::<L>(a.m, at + 2 * step),
-                        lanes::<L>(a.m, at + 3 * step),
-                        lanes::<L>(a.m, at + 4 * step),
-                        lanes::<L>(a.m, at + 5 * step),
-                    ];
+                    // SAFETY: positions (0..6, j) of tile t < n, channels c..c+L <= C: inside M.
+                    let m = unsafe {
+                        [
+                            lanes::<L>(a.m, at),
+                            lanes::<L>(a.m, at + step),
+                            lanes::<L>(a.m, at + 2 * step),
+                            lanes::<L>(a.m, at + 3 * step),
+                            lanes::<L>(a.m, at + 4 * step),
+                            lanes::<L>(a.m, at + 5 * step),
+                        ]
+                    };
                     output_1d::<L, FMA>(m, col);
                 }
-                let bias = lanes::<L>(a.bias, c);
+                // SAFETY: c + L <= C <= bias length (asserted).
+                let bias = unsafe { lanes::<L>(a.bias, c) };
                 for r in 0..TILE {
                     let s_r = [
                         &cols[0][r],
@@ -440,8 +494,10 @@ fn output_transform<const C: usize, const L: usize, const FMA: bool>(
                         for k in 0..L {
                             o[k] = values[k] + bias[k];
                         }
+                        // SAFETY (residual read and output write): row y < 4 x tile rows and
+                        // column x + 1 <= w, so `at + L` is within the asserted band.
                         if let Some(res) = a.residual {
-                            let r = lanes::<L>(res, at);
+                            let r = unsafe { lanes::<L>(res, at) };
                             for k in 0..L {
                                 o[k] += r[k];
                             }
@@ -451,13 +507,12 @@ fn output_transform<const C: usize, const L: usize, const FMA: bool>(
                                 *v = v.max(0.0);
                             }
                         }
-                        out[at..at + L].copy_from_slice(&o);
+                        unsafe { store::<L>(out, at, &o) };
                     }
                 }
             }
         }
     }
-    debug_assert!(band_start + TILE * a.tiles.len() <= a.dst.h);
 }
 
 macro_rules! instantiate {

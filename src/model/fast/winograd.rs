@@ -373,7 +373,7 @@ fn input_transform<const C: usize, const L: usize, const FMA: bool>(
     }
     // The extent of every access below: the last tile's last input pixel, and the last position
     // of the last tile in V.
-    assert!(C % L == 0 && a.src.c == C && a.src.w % TILE == 0);
+    assert!(C.is_multiple_of(L) && a.src.c == C && a.src.w.is_multiple_of(TILE));
     let last_tile = offset + a.tiles.len() * tiles_x - 1;
     assert!(last_tile < n && (POSITIONS * n) * C <= v.len(), "V extent");
     assert!(
@@ -407,6 +407,8 @@ fn input_transform<const C: usize, const L: usize, const FMA: bool>(
                     };
                     input_1d::<L, FMA>(d, col);
                 }
+                // Row i gathers element i of the six transformed columns.
+                #[allow(clippy::needless_range_loop)]
                 for i in 0..ALPHA {
                     let t_i = [
                         &cols[0][i],
@@ -442,7 +444,9 @@ fn output_transform<const C: usize, const L: usize, const FMA: bool>(
     }
     // The extent of every access below: M's last position of the last tile, and the last pixel
     // of the band in the output and residual.
-    assert!(C % L == 0 && a.dst.c == C && a.dst.w % TILE == 0 && a.bias.len() >= C);
+    assert!(
+        C.is_multiple_of(L) && a.dst.c == C && a.dst.w.is_multiple_of(TILE) && a.bias.len() >= C
+    );
     assert!(
         offset + a.tiles.len() * tiles_x <= n && POSITIONS * n * C <= a.m.len(),
         "M extent"
@@ -477,6 +481,8 @@ fn output_transform<const C: usize, const L: usize, const FMA: bool>(
                 }
                 // SAFETY: c + L <= C <= bias length (asserted).
                 let bias = unsafe { lanes::<L>(a.bias, c) };
+                // Output row r gathers element r of the six transformed columns.
+                #[allow(clippy::needless_range_loop)]
                 for r in 0..TILE {
                     let s_r = [
                         &cols[0][r],

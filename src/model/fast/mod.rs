@@ -1,11 +1,13 @@
 //! The fast CPU engine: batch norm folded into the convolutions at load, channels-last
 //! activations with zero borders, fused conv + bias (+ residual) + ReLU kernels for AVX-512,
-//! AVX2 and portable code, and the batch or each layer shared between threads.
+//! AVX2 and portable code, Winograd F(4x4, 3x3) for the stride-1 3x3 convolutions, and the
+//! batch (or, for a batch smaller than the thread count, each layer) shared between threads.
 //!
 //! - [`simd`]: detecting and forcing the instruction set.
 //! - [`fold`]: batch-norm folding.
-//! - [`conv`], [`kernels`]: one convolution and its microkernels.
-//! - [`network`]: the layer plan and one image's walk through it.
+//! - [`conv`], [`kernels`]: one direct convolution and its microkernels.
+//! - [`winograd`]: the Winograd convolutions (their products reuse the microkernels).
+//! - [`network`]: the layer plan and a micro-batch's walk through it.
 //! - [`parallel`], [`workspace`], [`buffers`]: threads and the memory they work in.
 
 pub mod buffers;

@@ -1,5 +1,6 @@
 //! The network plan of the fast engine: folded, repacked layers read from the weights file, which
-//! buffer each layer reads and writes, and the walk of one image through them.
+//! buffer each layer reads and writes, and the walk of a micro-batch of images through them,
+//! layer by layer.
 
 use std::collections::HashMap;
 

@@ -6,7 +6,7 @@ use crate::config::SimdChoice;
 /// An instruction set the kernels are written for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SimdLevel {
-    /// AVX-512F: 16 f32 lanes, 32 vector registers.
+    /// AVX-512F (with AVX2 and FMA): 16 f32 lanes, 32 vector registers.
     Avx512,
     /// AVX2 + FMA: 8 f32 lanes, 16 vector registers.
     Avx2,
@@ -28,8 +28,14 @@ impl SimdLevel {
     pub fn is_supported(self) -> bool {
         match self {
             Self::Scalar => true,
+            // The AVX-512 build of the Winograd transforms also uses AVX2 and FMA (every
+            // AVX-512F CPU has them; checked anyway).
             #[cfg(target_arch = "x86_64")]
-            Self::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            Self::Avx512 => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
             #[cfg(target_arch = "x86_64")]
             Self::Avx2 => {
                 std::arch::is_x86_feature_detected!("avx2")

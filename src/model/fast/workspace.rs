@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use super::buffers::{AlignedBuf, Plane};
 
-/// Most buffers a network plan may use (a CIFAR ResNet uses 11).
+/// Most buffers a network plan may use (a CIFAR ResNet uses 13).
 pub const MAX_BUFFERS: usize = 16;
 
 /// Zero-bordered images, one per buffer of the network plan. Borders are zeroed here and never

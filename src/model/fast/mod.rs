@@ -61,7 +61,9 @@ pub enum FastError {
 /// How a batch is shared between threads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Threading {
-    /// Whole images per thread while every thread has one; the rest split layer by layer.
+    /// Whole images (micro-batches) per thread while every thread gets one; the images left
+    /// over either split layer by layer between all threads or run whole, whichever
+    /// [`parallel::TeamChooser`] has measured to be faster on this machine lately.
     Auto,
     /// Whole images per thread only (a batch smaller than the thread count leaves threads idle).
     Images,

@@ -245,6 +245,21 @@ fn wrong_input_shapes_are_errors() {
 }
 
 #[test]
+fn absurd_thread_counts_are_errors() {
+    let Some(weights) = common::shared_file(SEED_WEIGHTS) else {
+        return;
+    };
+    let err = Model::load(&args(
+        &weights,
+        EngineChoice::Fast,
+        SimdChoice::Auto,
+        100_000,
+    ))
+    .unwrap_err();
+    assert!(err.to_string().contains("at most"), "{err}");
+}
+
+#[test]
 fn missing_or_misshapen_tensors_are_errors() {
     let Some(weights) = common::shared_file(SEED_WEIGHTS) else {
         return;

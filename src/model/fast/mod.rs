@@ -56,7 +56,12 @@ pub enum FastError {
         #[source]
         source: candle_core::Error,
     },
+    #[error("--threads {0}: the fast engine runs at most {MAX_THREADS} threads")]
+    TooManyThreads(usize),
 }
+
+/// Most threads the engine runs; each holds a micro-batch's buffers (about 5 MB).
+pub const MAX_THREADS: usize = 256;
 
 /// How a batch is shared between threads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,7 +153,8 @@ impl FastResNet {
     ) -> Result<Self, FastError> {
         let simd = SimdLevel::resolve(options.simd)?;
         let threads = match options.threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS)),
+            n if n > MAX_THREADS => return Err(FastError::TooManyThreads(n)),
             n => n,
         };
         let net = Network::load(spec, tensors, simd, options.winograd)?;

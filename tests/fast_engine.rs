@@ -331,6 +331,28 @@ fn strategies_benchmark() {
         .collect();
     for batch in [1usize, 64] {
         let x = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), &Device::Cpu).unwrap();
+        // Whatever is timed must compute the same thing.
+        let first = nets[0]
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for net in &nets[1..] {
+            let other = net
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let diff = first
+                .iter()
+                .zip(&other)
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(diff <= 1e-3, "configurations disagree by {diff}");
+        }
         let mut results = vec![Vec::new(); configs.len()];
         for _ in 0..rounds {
             for (k, net) in nets.iter().enumerate() {

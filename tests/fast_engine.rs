@@ -216,10 +216,14 @@ fn engine_choice_on_the_cpu() {
     };
     let candle = Model::load(&args(&weights, EngineChoice::Candle, SimdChoice::Auto, 0)).unwrap();
     assert_eq!(candle.engine_name(), "candle");
+    // The model worker owns the model on its own thread: the fast engine must allow that.
+    fn shareable<T: Send + Sync>(_: &T) {}
     for level in [SimdLevel::Avx512, SimdLevel::Avx2, SimdLevel::Scalar] {
         let result = Model::load(&args(&weights, EngineChoice::Fast, choice(level), 1));
         if level.is_supported() {
-            assert_eq!(result.unwrap().engine_name(), format!("fast-{level}"));
+            let model = result.unwrap();
+            shareable(&model);
+            assert_eq!(model.engine_name(), format!("fast-{level}"));
         } else {
             let err = result.unwrap_err();
             assert!(matches!(err, ModelError::Fast(_)), "{err:?}");

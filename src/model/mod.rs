@@ -39,6 +39,9 @@ pub enum ModelError {
     Fast(#[from] fast::FastError),
 }
 
+const FAST_ENGINE_IS_CPU_ONLY: &str =
+    "the fast engine runs on the CPU only (use --engine candle or auto, or --device cpu)";
+
 /// Which forward-pass implementation a [`Model`] runs.
 #[derive(Debug)]
 enum Engine {
@@ -104,25 +107,22 @@ impl Model {
             metadata,
             tensors,
         } = checkpoint;
-        let engine =
-            match (args.engine, device.is_cpu()) {
-                (EngineChoice::Fast, false) => {
-                    return Err(ModelError::Engine {
-                        engine: args.engine,
-                        device: device_name(&device),
-                        reason:
-                            "the fast engine runs on the CPU only (use --engine candle or auto, \
-                             or --device cpu)"
-                                .into(),
-                    })
-                }
-                (EngineChoice::Auto | EngineChoice::Fast, true) => Engine::Fast(
-                    fast::FastResNet::new(&spec, &tensors, args.simd, args.threads)?,
-                ),
-                (EngineChoice::Auto, false) | (EngineChoice::Candle, _) => Engine::Candle(
-                    candle::CandleResNet::from_tensors(&spec, &tensors, &device)?,
-                ),
-            };
+        let on_cpu = device.is_cpu();
+        let engine = match args.engine {
+            EngineChoice::Fast if !on_cpu => {
+                return Err(ModelError::Engine {
+                    engine: args.engine,
+                    device: device_name(&device),
+                    reason: FAST_ENGINE_IS_CPU_ONLY.into(),
+                })
+            }
+            EngineChoice::Fast | EngineChoice::Auto if on_cpu => Engine::Fast(
+                fast::FastResNet::new(&spec, &tensors, args.simd, args.threads)?,
+            ),
+            _ => Engine::Candle(candle::CandleResNet::from_tensors(
+                &spec, &tensors, &device,
+            )?),
+        };
         Ok(Self {
             spec,
             metadata,

@@ -3,6 +3,7 @@
 
 pub mod candle;
 pub mod convert;
+pub mod fast;
 pub mod fetch;
 pub mod pytorch;
 mod pytorch_pickle;
@@ -36,12 +37,18 @@ pub enum ModelError {
     },
     #[error("building the model: {0}")]
     Build(#[from] candle_core::Error),
+    #[error("fast CPU engine: {0}")]
+    Fast(#[from] fast::FastError),
 }
+
+const FAST_ENGINE_IS_CPU_ONLY: &str =
+    "the fast engine runs on the CPU only (use --engine candle or auto, or --device cpu)";
 
 /// Which forward-pass implementation a [`Model`] runs.
 #[derive(Debug)]
 enum Engine {
     Candle(candle::CandleResNet),
+    Fast(fast::FastResNet),
 }
 
 /// A loaded, ready-to-run classifier.
@@ -102,10 +109,21 @@ impl Model {
             metadata,
             tensors,
         } = checkpoint;
+        let on_cpu = device.is_cpu();
         let engine = match args.engine {
-            EngineChoice::Auto | EngineChoice::Candle | EngineChoice::Fast => Engine::Candle(
-                candle::CandleResNet::from_tensors(&spec, &tensors, &device)?,
+            EngineChoice::Fast if !on_cpu => {
+                return Err(ModelError::Engine {
+                    engine: args.engine,
+                    device: device_name(&device),
+                    reason: FAST_ENGINE_IS_CPU_ONLY.into(),
+                })
+            }
+            EngineChoice::Fast | EngineChoice::Auto if on_cpu => Engine::Fast(
+                fast::FastResNet::new(&spec, &tensors, args.simd, args.threads)?,
             ),
+            _ => Engine::Candle(candle::CandleResNet::from_tensors(
+                &spec, &tensors, &device,
+            )?),
         };
         Ok(Self {
             spec,
@@ -124,6 +142,7 @@ impl Model {
     pub fn engine_name(&self) -> String {
         match &self.engine {
             Engine::Candle(_) => "candle".into(),
+            Engine::Fast(net) => net.name(),
         }
     }
 
@@ -132,6 +151,7 @@ impl Model {
         let images = images.to_device(&self.device)?;
         match &self.engine {
             Engine::Candle(net) => net.forward(&images),
+            Engine::Fast(net) => net.forward(&images),
         }
     }
 

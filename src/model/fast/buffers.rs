@@ -1,0 +1,91 @@
+//! Activation storage: 64-byte aligned float buffers holding zero-bordered channels-last images,
+//! so that 3x3 convolutions read their padding from memory instead of testing bounds.
+
+/// One cache line of floats; a `Vec` of these is a 64-byte aligned float buffer.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+/// A zero-initialised, 64-byte aligned float buffer of fixed length.
+#[derive(Debug, Clone)]
+pub struct AlignedBuf {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+impl AlignedBuf {
+    pub fn zeros(len: usize) -> Self {
+        Self {
+            lines: vec![Line([0.0; 16]); len.div_ceil(16)],
+            len,
+        }
+    }
+
+    pub fn as_slice(&self) -> &[f32] {
+        // SAFETY: `Line` is `repr(C)` over `[f32; 16]` (size 64, no padding), so the vector's
+        // storage is `16 * lines.len() >= len` initialised, contiguous, aligned f32 values.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<f32>(), self.len) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [f32] {
+        // SAFETY: as in `as_slice`, and `&mut self` makes the borrow exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<f32>(), self.len) }
+    }
+}
+
+/// The shape of a zero-bordered NHWC image: `(h + 2) x (w + 2) x c` floats, interior at `(1, 1)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plane {
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+}
+
+impl Plane {
+    pub const fn new(h: usize, w: usize, c: usize) -> Self {
+        Self { h, w, c }
+    }
+
+    /// Floats in the whole bordered image.
+    pub const fn floats(&self) -> usize {
+        (self.h + 2) * (self.w + 2) * self.c
+    }
+
+    /// Floats in one bordered row.
+    pub const fn row_len(&self) -> usize {
+        (self.w + 2) * self.c
+    }
+
+    /// Index of interior pixel `(y, x)`, channel 0.
+    pub const fn at(&self, y: usize, x: usize) -> usize {
+        (y + 1) * self.row_len() + (x + 1) * self.c
+    }
+
+    /// The floats of bordered rows holding interior rows `rows` (full width, borders included).
+    pub const fn rows(&self, rows: &std::ops::Range<usize>) -> std::ops::Range<usize> {
+        (rows.start + 1) * self.row_len()..(rows.end + 1) * self.row_len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_buffers_are_aligned_zeroed_and_exactly_sized() {
+        for len in [0, 1, 15, 16, 17, 18_496] {
+            let mut buf = AlignedBuf::zeros(len);
+            assert_eq!(buf.as_slice().len(), len);
+            assert!(buf.as_slice().iter().all(|&v| v == 0.0));
+            assert_eq!(buf.as_mut_slice().as_ptr() as usize % 64, 0);
+        }
+    }
+
+    #[test]
+    fn plane_indexing_skips_the_border() {
+        let p = Plane::new(32, 32, 16);
+        assert_eq!(p.floats(), 34 * 34 * 16);
+        assert_eq!(p.at(0, 0), 34 * 16 + 16);
+        assert_eq!(p.rows(&(0..32)), 34 * 16..33 * 34 * 16);
+    }
+}

@@ -1,0 +1,328 @@
+//! The fast CPU engine: batch norm folded into the convolutions at load, channels-last
+//! activations with zero borders, fused conv + bias (+ residual) + ReLU kernels for AVX-512,
+//! AVX2 and portable code, Winograd F(4x4, 3x3) for the stride-1 3x3 convolutions, and the
+//! batch (or, for a batch smaller than the thread count, each layer) shared between threads.
+//!
+//! - [`simd`]: detecting and forcing the instruction set.
+//! - [`fold`]: batch-norm folding.
+//! - [`conv`], [`kernels`]: one direct convolution and its microkernels.
+//! - [`winograd`]: the Winograd convolutions (their products reuse the microkernels).
+//! - [`network`]: the layer plan and a micro-batch's walk through it.
+//! - [`parallel`], [`workspace`], [`buffers`]: threads and the memory they work in.
+
+pub mod buffers;
+pub mod conv;
+pub mod fold;
+pub mod kernels;
+pub mod network;
+pub mod parallel;
+pub mod simd;
+#[cfg(test)]
+mod testing;
+pub mod winograd;
+pub mod workspace;
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Storage, Tensor};
+
+use self::network::Network;
+use self::parallel::{Alone, BreakOnPanic, Partition, SpinBarrier, Team, TeamChooser};
+pub use self::simd::{SimdLevel, UnsupportedSimd};
+use self::winograd::Scratch;
+use self::workspace::Buffers;
+use super::spec::{ModelSpec, INPUT_CHANNELS, INPUT_SIZE};
+use crate::config::SimdChoice;
+
+/// Why the fast engine could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum FastError {
+    #[error(transparent)]
+    Simd(#[from] UnsupportedSimd),
+    #[error("tensor {name} is missing (expected shape {expected:?})")]
+    MissingTensor { name: String, expected: Vec<usize> },
+    #[error("tensor {name} has shape {found:?}, expected {expected:?}")]
+    WrongShape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("reading tensor {name}: {source}")]
+    Tensor {
+        name: String,
+        #[source]
+        source: candle_core::Error,
+    },
+    #[error("--threads {0}: the fast engine runs at most {MAX_THREADS} threads")]
+    TooManyThreads(usize),
+}
+
+/// Most threads the engine runs; each holds a micro-batch's buffers (about 5 MB).
+pub const MAX_THREADS: usize = 256;
+
+/// How a batch is shared between threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threading {
+    /// Whole images (micro-batches) per thread while every thread gets one; the images left
+    /// over either split layer by layer between all threads or run whole, whichever
+    /// [`parallel::TeamChooser`] has measured to be faster on this machine lately.
+    Auto,
+    /// Whole images per thread only (a batch smaller than the thread count leaves threads idle).
+    Images,
+    /// Every image split layer by layer between all threads.
+    Layers,
+}
+
+/// Most images a thread runs together, layer by layer: enough for the widest Winograd layers to
+/// reuse their transformed filters across images, few enough for the activations to stay in cache.
+pub const MICRO_BATCH: usize = 8;
+
+/// One thread's buffers for a micro-batch of whole images, and its Winograd scratch.
+#[derive(Debug)]
+struct ThreadSpace {
+    images: Vec<Buffers>,
+    scratch: Scratch,
+}
+
+/// Every thread's space, the buffers a team shares for one image, and what has been learnt about
+/// running small batches.
+#[derive(Debug)]
+struct Workspace {
+    own: Vec<ThreadSpace>,
+    team: Buffers,
+    chooser: TeamChooser,
+}
+
+/// How to build a [`FastResNet`]; [`FastResNet::new`] uses the defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FastOptions {
+    pub simd: SimdChoice,
+    /// 0 = one per available core.
+    pub threads: usize,
+    pub threading: Threading,
+    /// Stride-1 3x3 convolutions with Winograd F(4x4, 3x3) (else direct).
+    pub winograd: bool,
+}
+
+impl Default for FastOptions {
+    fn default() -> Self {
+        Self {
+            simd: SimdChoice::Auto,
+            threads: 0,
+            threading: Threading::Auto,
+            winograd: true,
+        }
+    }
+}
+
+/// The fast CPU forward pass of a CIFAR ResNet.
+#[derive(Debug)]
+pub struct FastResNet {
+    net: Network,
+    simd: SimdLevel,
+    threads: usize,
+    threading: Threading,
+    workspace: Mutex<Workspace>,
+}
+
+impl FastResNet {
+    /// Folds and packs the weights for `simd` (an explicit level the CPU lacks is an error) and
+    /// allocates every buffer a forward pass needs for `threads` threads (0 = one per core).
+    pub fn new(
+        spec: &ModelSpec,
+        tensors: &HashMap<String, Tensor>,
+        simd: SimdChoice,
+        threads: usize,
+    ) -> Result<Self, FastError> {
+        let options = FastOptions {
+            simd,
+            threads,
+            ..FastOptions::default()
+        };
+        Self::with_options(spec, tensors, &options)
+    }
+
+    /// [`Self::new`] with every choice explicit (to compare strategies and algorithms).
+    pub fn with_options(
+        spec: &ModelSpec,
+        tensors: &HashMap<String, Tensor>,
+        options: &FastOptions,
+    ) -> Result<Self, FastError> {
+        let simd = SimdLevel::resolve(options.simd)?;
+        let threads = match options.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS)),
+            n if n > MAX_THREADS => return Err(FastError::TooManyThreads(n)),
+            n => n,
+        };
+        let net = Network::load(spec, tensors, simd, options.winograd)?;
+        let workspace = Workspace {
+            own: (0..threads)
+                .map(|_| ThreadSpace {
+                    images: (0..MICRO_BATCH)
+                        .map(|_| Buffers::new(net.planes()))
+                        .collect(),
+                    scratch: Scratch::default(),
+                })
+                .collect(),
+            team: Buffers::new(net.planes()),
+            chooser: TeamChooser::default(),
+        };
+        tracing::debug!(%simd, threads, winograd = options.winograd, "fast engine ready");
+        Ok(Self {
+            net,
+            simd,
+            threads,
+            threading: options.threading,
+            workspace: Mutex::new(workspace),
+        })
+    }
+
+    /// The SIMD level the kernels run.
+    pub fn simd(&self) -> SimdLevel {
+        self.simd
+    }
+
+    /// Threads a forward pass uses.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// `fast-avx512`, `fast-avx2` or `fast-scalar`.
+    pub fn name(&self) -> String {
+        format!("fast-{}", self.simd)
+    }
+
+    /// `[N, 3, 32, 32]` normalised NCHW f32 CPU images to `[N, classes]` logits.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        if (c, h, w) != (INPUT_CHANNELS, INPUT_SIZE, INPUT_SIZE) {
+            candle_core::bail!(
+                "fast engine: expected [N, {INPUT_CHANNELS}, {INPUT_SIZE}, {INPUT_SIZE}] images, got {:?}",
+                x.dims()
+            );
+        }
+        if !x.device().is_cpu() {
+            candle_core::bail!("fast engine: images must be on the CPU");
+        }
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("fast engine: images must be on the CPU");
+        };
+        let start = layout.start_offset();
+        let images = &cpu.as_slice::<f32>()?[start..start + n * c * h * w];
+        let mut logits = vec![0.0f32; n * self.net.classes()];
+        // A panic here is a bug; report it as an error of this pass rather than take down the
+        // caller's thread (the workspace holds nothing that a failed pass could corrupt).
+        std::panic::catch_unwind(AssertUnwindSafe(|| self.run(images, n, &mut logits))).map_err(
+            |panic| {
+                let reason = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                candle_core::Error::Msg(format!("fast engine: internal error: {reason}"))
+            },
+        )?;
+        Tensor::from_vec(logits, (n, self.net.classes()), &Device::Cpu)
+    }
+
+    /// Fills `logits` (`n * classes`) for `n` images laid out `n * [3, 32, 32]`.
+    fn run(&self, images: &[f32], n: usize, logits: &mut [f32]) {
+        let image_len = INPUT_CHANNELS * INPUT_SIZE * INPUT_SIZE;
+        let classes = self.net.classes();
+        // A poisoned lock means a forward pass panicked; the buffers hold no state between
+        // passes (borders are never written), so they are still good to use.
+        let mut guard = self
+            .workspace
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Workspace { own, team, chooser } = &mut *guard;
+        let threads = self.threads.min(own.len()).max(1);
+        // Images [0, whole) go to threads whole; the rest are split layer by layer.
+        let split = n % threads;
+        let (whole, learn) = match self.threading {
+            _ if threads == 1 || split == 0 => (n, false),
+            // Only batches that are all remainder measure the choice cleanly.
+            Threading::Auto if n < threads => (if chooser.choose() { 0 } else { n }, true),
+            Threading::Auto if chooser.prefers_team() => (n - split, false),
+            Threading::Auto => (n, false),
+            Threading::Images => (n, false),
+            Threading::Layers => (0, false),
+        };
+        let started = std::time::Instant::now();
+        // Micro-batches small enough that every thread gets work.
+        let chunk = (whole / threads).clamp(1, MICRO_BATCH);
+        let next = AtomicUsize::new(0);
+        let results = Mutex::new(&mut *logits);
+        let team = team.share();
+        let barrier = SpinBarrier::new(threads);
+        let work = |index: usize, space: &mut ThreadSpace| {
+            let _release_team = BreakOnPanic(&barrier);
+            let ThreadSpace {
+                images: bufs,
+                scratch,
+            } = space;
+            let own: Vec<_> = bufs.iter_mut().map(Buffers::share).collect();
+            let mut out = vec![0.0f32; MICRO_BATCH * classes];
+            loop {
+                let start = next.fetch_add(chunk, Ordering::Relaxed);
+                if start >= whole {
+                    break;
+                }
+                let end = (start + chunk).min(whole);
+                let out = &mut out[..(end - start) * classes];
+                self.net.run_batch(
+                    &images[start * image_len..end * image_len],
+                    &own[..end - start],
+                    &Alone,
+                    scratch,
+                    Some(out),
+                );
+                let mut results = results.lock().unwrap_or_else(|p| p.into_inner());
+                results[start * classes..end * classes].copy_from_slice(out);
+            }
+            let part = Team {
+                index,
+                barrier: &barrier,
+            };
+            for i in whole..n {
+                let out = &mut out[..classes];
+                self.net.run_batch(
+                    &images[i * image_len..(i + 1) * image_len],
+                    std::slice::from_ref(&team),
+                    &part,
+                    scratch,
+                    Some(out),
+                );
+                if part.is_leader() {
+                    let mut results = results.lock().unwrap_or_else(|p| p.into_inner());
+                    results[i * classes..(i + 1) * classes].copy_from_slice(out);
+                }
+            }
+        };
+        // Threads with something to do: all of them when a team runs, else one per micro-batch.
+        let active = if whole < n {
+            threads
+        } else {
+            whole.div_ceil(chunk).min(threads)
+        };
+        let mut own = own.iter_mut().take(active);
+        std::thread::scope(|s| {
+            let first = own.next();
+            for (index, buffers) in own.enumerate() {
+                let work = &work;
+                s.spawn(move || work(index + 1, buffers));
+            }
+            if let Some(buffers) = first {
+                work(0, buffers);
+            }
+        });
+        if learn {
+            chooser.record(whole < n, started.elapsed().as_secs_f64() / n as f64);
+        }
+    }
+}

@@ -1,0 +1,534 @@
+//! The network plan of the fast engine: folded, repacked layers read from the weights file, which
+//! buffer each layer reads and writes, and the walk of a micro-batch of images through them,
+//! layer by layer.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Tensor};
+
+use super::buffers::Plane;
+use super::conv::{ConvLayer, ConvTask};
+use super::fold::{fold_batch_norm, BatchNorm, FoldedConv};
+use super::parallel::Partition;
+use super::simd::SimdLevel;
+use super::winograd::{self, Scratch, WinogradLayer, TILE};
+use super::workspace::Shared;
+use super::FastError;
+use crate::model::spec::{ModelSpec, Shortcut, INPUT_CHANNELS, INPUT_SIZE, STAGE_CHANNELS};
+
+/// Buffer id of the network input.
+const INPUT: usize = 0;
+
+#[derive(Debug)]
+enum ShortcutPlan {
+    /// The block input itself.
+    Identity,
+    /// Folded conv1x1 (stride 2) + batch norm, into buffer `buf`.
+    Projection { conv: ConvLayer, buf: usize },
+    /// `x[::2, ::2]` with `pad` zero channels on each side, into buffer `buf`.
+    ZeroPad { pad: usize, buf: usize },
+}
+
+/// A 3x3 convolution, computed directly or with Winograd F(4x4, 3x3).
+#[derive(Debug)]
+enum Conv3x3 {
+    Direct(ConvLayer),
+    Winograd(WinogradLayer),
+}
+
+impl Conv3x3 {
+    fn new(conv: &FoldedConv, stride: usize, src: Plane, level: SimdLevel, winograd: bool) -> Self {
+        if winograd && winograd::supports(conv, stride, src.h, src.w) {
+            Self::Winograd(WinogradLayer::new(conv, src.w, level))
+        } else {
+            Self::Direct(ConvLayer::new(conv, stride, level))
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Block {
+    conv1: Conv3x3,
+    conv2: Conv3x3,
+    shortcut: ShortcutPlan,
+    input: usize,
+    mid: usize,
+    output: usize,
+}
+
+/// Every layer of a CIFAR ResNet, folded and packed for one SIMD level.
+#[derive(Debug)]
+pub struct Network {
+    /// Shape of each buffer, indexed by buffer id.
+    planes: Vec<Plane>,
+    stem: ConvLayer,
+    stem_output: usize,
+    blocks: Vec<Block>,
+    /// `[classes][channels]`.
+    fc_weight: Vec<f32>,
+    fc_bias: Vec<f32>,
+    classes: usize,
+}
+
+/// Reads the weights of the network's layers by their state-dict names.
+struct Reader<'a> {
+    tensors: &'a HashMap<String, Tensor>,
+}
+
+impl Reader<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, FastError> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| FastError::MissingTensor {
+                name: name.into(),
+                expected: shape.to_vec(),
+            })?;
+        if t.dims() != shape {
+            return Err(FastError::WrongShape {
+                name: name.into(),
+                expected: shape.to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        t.to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .map_err(|source| FastError::Tensor {
+                name: name.into(),
+                source,
+            })
+    }
+
+    fn batch_norm(&self, prefix: &str, c: usize) -> Result<BatchNorm, FastError> {
+        let field = |f: &str| self.get(&format!("{prefix}.{f}"), &[c]);
+        Ok(BatchNorm {
+            weight: field("weight")?,
+            bias: field("bias")?,
+            running_mean: field("running_mean")?,
+            running_var: field("running_var")?,
+        })
+    }
+
+    /// Convolution `conv` (bias when `bias`) followed by batch norm `bn`, folded into one.
+    fn folded(
+        &self,
+        conv: &str,
+        bn: &str,
+        (cin, cout, k): (usize, usize, usize),
+        bias: bool,
+    ) -> Result<FoldedConv, FastError> {
+        let weight = self.get(&format!("{conv}.weight"), &[cout, cin, k, k])?;
+        let conv_bias = if bias {
+            Some(self.get(&format!("{conv}.bias"), &[cout])?)
+        } else {
+            None
+        };
+        Ok(fold_batch_norm(
+            &weight,
+            conv_bias.as_deref(),
+            &self.batch_norm(bn, cout)?,
+            cin,
+            k,
+        ))
+    }
+}
+
+impl Network {
+    /// Builds the plan for `spec` from tensors named as in the weights file.
+    /// `winograd`: compute the stride-1 3x3 convolutions with Winograd F(4x4, 3x3).
+    pub fn load(
+        spec: &ModelSpec,
+        tensors: &HashMap<String, Tensor>,
+        level: SimdLevel,
+        winograd: bool,
+    ) -> Result<Self, FastError> {
+        let read = Reader { tensors };
+        let bias = spec.conv_bias;
+        let mut planes = vec![Plane::new(INPUT_SIZE, INPUT_SIZE, INPUT_CHANNELS)];
+        let mut add = |p: Plane| {
+            planes.push(p);
+            planes.len() - 1
+        };
+
+        let stem = ConvLayer::new(
+            &read.folded("conv1", "bn1", (INPUT_CHANNELS, STAGE_CHANNELS[0], 3), bias)?,
+            1,
+            level,
+        );
+        let mut current =
+            add(stem.output_plane(Plane::new(INPUT_SIZE, INPUT_SIZE, INPUT_CHANNELS)));
+        let stem_output = current;
+        let mut current_plane =
+            stem.output_plane(Plane::new(INPUT_SIZE, INPUT_SIZE, INPUT_CHANNELS));
+
+        let mut blocks = Vec::with_capacity(3 * spec.blocks_per_stage);
+        for stage in 0..3 {
+            // Each stage has its own buffers, so each keeps the zero border of its own shape.
+            let (mut pair, mut mid) = (None, None);
+            for index in 0..spec.blocks_per_stage {
+                let (stride, cin, cout) = spec.block_geometry(stage, index);
+                let p = format!("block{}.{index}", stage + 1);
+                let conv1 = read.folded(
+                    &format!("{p}.conv1"),
+                    &format!("{p}.bn1"),
+                    (cin, cout, 3),
+                    bias,
+                )?;
+                let conv2 = read.folded(
+                    &format!("{p}.conv2"),
+                    &format!("{p}.bn2"),
+                    (cout, cout, 3),
+                    bias,
+                )?;
+                let out_plane = Plane::new(
+                    (current_plane.h - 1) / stride + 1,
+                    (current_plane.w - 1) / stride + 1,
+                    cout,
+                );
+                let conv1 = Conv3x3::new(&conv1, stride, current_plane, level, winograd);
+                let conv2 = Conv3x3::new(&conv2, 1, out_plane, level, winograd);
+                let [a, b] = *pair.get_or_insert_with(|| [add(out_plane), add(out_plane)]);
+                let mid = *mid.get_or_insert_with(|| add(out_plane));
+                let shortcut = if !spec.is_downsampling(stage, index) {
+                    ShortcutPlan::Identity
+                } else {
+                    match spec.shortcut {
+                        Shortcut::Projection => ShortcutPlan::Projection {
+                            conv: ConvLayer::new(
+                                &read.folded(
+                                    &format!("{p}.residual.0"),
+                                    &format!("{p}.residual.1"),
+                                    (cin, cout, 1),
+                                    bias,
+                                )?,
+                                stride,
+                                level,
+                            ),
+                            buf: add(out_plane),
+                        },
+                        Shortcut::ZeroPad => ShortcutPlan::ZeroPad {
+                            pad: (cout - cin) / 2,
+                            buf: add(out_plane),
+                        },
+                    }
+                };
+                let output = if current == a { b } else { a };
+                blocks.push(Block {
+                    conv1,
+                    conv2,
+                    shortcut,
+                    input: current,
+                    mid,
+                    output,
+                });
+                current = output;
+                current_plane = out_plane;
+            }
+        }
+        let channels = STAGE_CHANNELS[2];
+        let classes = spec.num_classes;
+        Ok(Self {
+            planes,
+            stem,
+            stem_output,
+            blocks,
+            fc_weight: read.get("fc.weight", &[classes, channels])?,
+            fc_bias: read.get("fc.bias", &[classes])?,
+            classes,
+        })
+    }
+
+    /// Shapes of the buffers an image needs, by buffer id (to allocate a workspace).
+    pub fn planes(&self) -> &[Plane] {
+        &self.planes
+    }
+
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
+    fn last_output(&self) -> usize {
+        self.blocks.last().map_or(self.stem_output, |b| b.output)
+    }
+
+    /// One direct convolution of every image of the micro-batch, over this thread's rows.
+    ///
+    /// # Safety
+    /// Between two `sync`s of the partition, no thread writes `src` or `res`, and the threads
+    /// write disjoint rows of `dst` (what `Partition::rows` hands out), which nobody reads.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn conv(
+        &self,
+        layer: &ConvLayer,
+        batch: &[Shared<'_>],
+        part: &impl Partition,
+        src: usize,
+        dst: usize,
+        res: Option<usize>,
+        relu: bool,
+    ) {
+        let (src_plane, dst_plane) = (self.planes[src], self.planes[dst]);
+        let rows = part.rows(dst_plane.h);
+        let band = dst_plane.rows(&rows);
+        for bufs in batch {
+            // SAFETY: the function contract.
+            unsafe {
+                layer.run(ConvTask {
+                    input: bufs.read(src),
+                    src: src_plane,
+                    output: bufs.write(dst, band.clone()),
+                    dst: dst_plane,
+                    rows: rows.clone(),
+                    residual: res.map(|id| &bufs.read(id)[band.clone()]),
+                    relu,
+                });
+            }
+        }
+    }
+
+    /// A 3x3 convolution of a block, with ReLU, for every image of the micro-batch.
+    ///
+    /// # Safety
+    /// As for [`Self::conv`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn conv3x3(
+        &self,
+        layer: &Conv3x3,
+        batch: &[Shared<'_>],
+        part: &impl Partition,
+        scratch: &mut Scratch,
+        src: usize,
+        dst: usize,
+        res: Option<usize>,
+    ) {
+        match layer {
+            // SAFETY: the function contract.
+            Conv3x3::Direct(layer) => unsafe { self.conv(layer, batch, part, src, dst, res, true) },
+            // SAFETY: the function contract.
+            Conv3x3::Winograd(layer) => unsafe {
+                self.winograd(layer, batch, part, scratch, src, dst, res)
+            },
+        }
+    }
+
+    /// A Winograd convolution: this thread's tile rows of every image, gathered into groups of
+    /// about `group_tiles()` tiles (several images' worth for the narrow, wide layers) so that
+    /// each group reads the transformed filters once.
+    ///
+    /// # Safety
+    /// As for [`Self::conv`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn winograd(
+        &self,
+        layer: &WinogradLayer,
+        batch: &[Shared<'_>],
+        part: &impl Partition,
+        scratch: &mut Scratch,
+        src: usize,
+        dst: usize,
+        res: Option<usize>,
+    ) {
+        let (src_plane, dst_plane) = (self.planes[src], self.planes[dst]);
+        let tiles_x = dst_plane.w / TILE;
+        // Whole tiles: a thread's band is a run of tile rows.
+        let band = part.rows(dst_plane.h / TILE);
+        let rows_per_image = band.len();
+        if rows_per_image == 0 {
+            return;
+        }
+        let per_group = (layer.group_tiles() / tiles_x).max(1);
+        // Tile rows of all images, in order: (image, tile row); a group is a run of them.
+        let total = batch.len() * rows_per_image;
+        let at = |k: usize| (k / rows_per_image, band.start + k % rows_per_image);
+        let mut start = 0;
+        while start < total {
+            let end = (start + per_group).min(total);
+            let n = (end - start) * tiles_x;
+            // Each image's part of the group: consecutive tile rows, tiles `offset..` of it.
+            let segments = || {
+                let mut k = start;
+                std::iter::from_fn(move || {
+                    if k >= end {
+                        return None;
+                    }
+                    let (image, first) = at(k);
+                    let last = (end - k).min(band.end - first) + first;
+                    let offset = (k - start) * tiles_x;
+                    k += last - first;
+                    Some((image, first..last, offset))
+                })
+            };
+            for (image, tiles, offset) in segments() {
+                // SAFETY: the function contract (nobody writes `src` in this phase).
+                let input = unsafe { batch[image].read(src) };
+                layer.transform_input(input, src_plane, tiles, (offset, n), scratch);
+            }
+            layer.multiply(n, scratch);
+            for (image, tiles, offset) in segments() {
+                let rows = dst_plane.rows(&(tiles.start * TILE..tiles.end * TILE));
+                let bufs = &batch[image];
+                // SAFETY: the function contract: these rows of `dst` are this thread's.
+                let (output, residual) = unsafe {
+                    (
+                        bufs.write(dst, rows.clone()),
+                        res.map(|id| &bufs.read(id)[rows]),
+                    )
+                };
+                layer.transform_output(
+                    scratch,
+                    (offset, n),
+                    tiles,
+                    output,
+                    dst_plane,
+                    residual,
+                    true,
+                );
+            }
+            start = end;
+        }
+    }
+
+    /// Runs a micro-batch of images (`n * [3, 32, 32]`, normalised, NCHW; `batch[i]` holds image
+    /// i's buffers) through the network, layer by layer. Every thread of the partition calls
+    /// this with the same arguments; the leader writes the logits (`n * classes`).
+    ///
+    /// The phases, separated by `sync`: input (writes INPUT), stem (INPUT -> stem output), then
+    /// per block conv1 + shortcut (input -> mid, shortcut buffer) and conv2 (mid + residual ->
+    /// output). Within a phase no buffer is both read and written, and threads write disjoint
+    /// rows; that is what makes the `Shared` accesses below sound.
+    pub fn run_batch(
+        &self,
+        images: &[f32],
+        batch: &[Shared<'_>],
+        part: &impl Partition,
+        scratch: &mut Scratch,
+        logits: Option<&mut [f32]>,
+    ) {
+        let input = self.planes[INPUT];
+        let image_len = input.h * input.w * input.c;
+        assert_eq!(images.len(), batch.len() * image_len, "micro-batch size");
+        let rows = part.rows(input.h);
+        for (image, bufs) in images.chunks_exact(image_len).zip(batch) {
+            // SAFETY: this phase writes only this thread's rows of INPUT.
+            let dst = unsafe { bufs.write(INPUT, input.rows(&rows)) };
+            for (i, y) in rows.clone().enumerate() {
+                for x in 0..input.w {
+                    let at = input.at(i, x) - input.row_len();
+                    for c in 0..input.c {
+                        dst[at + c] = image[(c * input.h + y) * input.w + x];
+                    }
+                }
+            }
+        }
+        part.sync();
+        // SAFETY (every convolution below): the phase discipline in the doc comment.
+        unsafe { self.conv(&self.stem, batch, part, INPUT, self.stem_output, None, true) };
+        part.sync();
+        for block in &self.blocks {
+            unsafe {
+                self.conv3x3(
+                    &block.conv1,
+                    batch,
+                    part,
+                    scratch,
+                    block.input,
+                    block.mid,
+                    None,
+                )
+            };
+            let residual = match &block.shortcut {
+                ShortcutPlan::Identity => block.input,
+                ShortcutPlan::Projection { conv, buf } => {
+                    unsafe { self.conv(conv, batch, part, block.input, *buf, None, false) };
+                    *buf
+                }
+                ShortcutPlan::ZeroPad { pad, buf } => {
+                    for bufs in batch {
+                        // SAFETY: reads the block input, writes this thread's rows of `buf`.
+                        unsafe { self.zero_pad_shortcut(bufs, part, block.input, *buf, *pad) };
+                    }
+                    *buf
+                }
+            };
+            part.sync();
+            unsafe {
+                self.conv3x3(
+                    &block.conv2,
+                    batch,
+                    part,
+                    scratch,
+                    block.mid,
+                    block.output,
+                    Some(residual),
+                )
+            };
+            part.sync();
+        }
+        if let (true, Some(logits)) = (part.is_leader(), logits) {
+            let last = self.last_output();
+            for (bufs, logits) in batch.iter().zip(logits.chunks_exact_mut(self.classes)) {
+                // SAFETY: after the last sync nobody writes the last output until the next
+                // batch's stem, which starts only after the next input phase and its sync,
+                // which the leader reaches after finishing here.
+                let features = unsafe { bufs.read(last) };
+                self.head(features, self.planes[last], logits);
+            }
+        }
+    }
+
+    /// `x[::2, ::2]` of `src`, placed at channels `pad..pad + c_in` of `dst` (zeros elsewhere).
+    ///
+    /// # Safety
+    /// As for [`Self::conv`].
+    unsafe fn zero_pad_shortcut(
+        &self,
+        bufs: &Shared<'_>,
+        part: &impl Partition,
+        src: usize,
+        dst: usize,
+        pad: usize,
+    ) {
+        let (sp, dp) = (self.planes[src], self.planes[dst]);
+        let rows = part.rows(dp.h);
+        let base = dp.rows(&rows).start;
+        // SAFETY: function contract.
+        let (input, out) = unsafe { (bufs.read(src), bufs.write(dst, dp.rows(&rows))) };
+        for y in rows {
+            for x in 0..dp.w {
+                let o = dp.at(y, x) - base;
+                let i = sp.at(2 * y, 2 * x);
+                let pixel = &mut out[o..o + dp.c];
+                pixel.fill(0.0);
+                pixel[pad..pad + sp.c].copy_from_slice(&input[i..i + sp.c]);
+            }
+        }
+    }
+
+    /// Global average pool and the linear classifier.
+    fn head(&self, features: &[f32], plane: Plane, logits: &mut [f32]) {
+        let mut pooled = [0.0f32; STAGE_CHANNELS[2]];
+        let pooled = &mut pooled[..plane.c];
+        for y in 0..plane.h {
+            for x in 0..plane.w {
+                let at = plane.at(y, x);
+                for (p, &v) in pooled.iter_mut().zip(&features[at..at + plane.c]) {
+                    *p += v;
+                }
+            }
+        }
+        let scale = 1.0 / (plane.h * plane.w) as f32;
+        for ((logit, row), &b) in logits
+            .iter_mut()
+            .zip(self.fc_weight.chunks_exact(plane.c))
+            .zip(&self.fc_bias)
+        {
+            *logit = b + scale
+                * row
+                    .iter()
+                    .zip(pooled.iter())
+                    .map(|(w, p)| w * p)
+                    .sum::<f32>();
+        }
+    }
+}

@@ -1,0 +1,643 @@
+//! Winograd F(4x4, 3x3) for stride-1 3x3 convolutions: each 6x6 input tile is transformed
+//! (`B^T d B`), multiplied position by position with the transformed filters (`G g G^T`, 36 small
+//! matrix products that reuse the SIMD convolution tiles), and transformed back (`A^T m A`) into a
+//! 4x4 output tile with bias, residual and ReLU fused. 2.25 multiplies per output instead of 9.
+//!
+//! The transforms are plain loops over channels-last pixels, written once and compiled for each
+//! instruction set (inlined into `#[target_feature]` wrappers, where they vectorise).
+
+use std::ops::Range;
+
+use super::buffers::{AlignedBuf, Plane};
+use super::fold::FoldedConv;
+use super::kernels::{self, Kernel, RawGemm};
+use super::simd::SimdLevel;
+
+/// Output tile side.
+pub const TILE: usize = 4;
+/// Input tile side.
+const ALPHA: usize = TILE + 2;
+/// Positions of the transformed tile.
+const POSITIONS: usize = ALPHA * ALPHA;
+/// Most tiles transformed together (possibly from several images); bounds the scratch.
+pub const MAX_GROUP_TILES: usize = 32;
+/// Widest layer the transforms are instantiated for.
+const MAX_CHANNELS: usize = 64;
+
+/// `G` of F(4x4, 3x3) (interpolation points 0, 1, -1, 2, -2 and infinity).
+const G: [[f64; 3]; ALPHA] = [
+    [1.0 / 4.0, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+
+/// Per-thread buffers for transformed tiles: `V` (`[36][tiles][cin]`) and `M` (`[36][tiles][cout]`).
+#[derive(Debug)]
+pub struct Scratch {
+    v: AlignedBuf,
+    m: AlignedBuf,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        let len = POSITIONS * MAX_GROUP_TILES * MAX_CHANNELS;
+        Self {
+            v: AlignedBuf::zeros(len),
+            m: AlignedBuf::zeros(len),
+        }
+    }
+}
+
+type InputTransform = unsafe fn(&InputArgs<'_>, &mut [f32]);
+type OutputTransform = unsafe fn(&OutputArgs<'_>, &mut [f32]);
+
+/// Where tiles sit in a group of `n` tiles: `[36][n][channels]`, these from index `offset`.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    offset: usize,
+    n: usize,
+}
+
+/// What the input transform reads.
+#[derive(Debug)]
+pub struct InputArgs<'a> {
+    input: &'a [f32],
+    src: Plane,
+    /// Tile rows to transform.
+    tiles: Range<usize>,
+    slot: Slot,
+}
+
+/// What the output transform needs besides the output band.
+#[derive(Debug)]
+pub struct OutputArgs<'a> {
+    m: &'a [f32],
+    /// Tile rows to produce; the output band holds exactly their rows.
+    tiles: Range<usize>,
+    slot: Slot,
+    bias: &'a [f32],
+    dst: Plane,
+    residual: Option<&'a [f32]>,
+    relu: bool,
+}
+
+/// A stride-1 3x3 convolution with bias, computed with Winograd F(4x4, 3x3).
+#[derive(Debug)]
+pub struct WinogradLayer {
+    pub cin: usize,
+    pub cout: usize,
+    /// `[36][cin][cout]` transformed filters.
+    u: AlignedBuf,
+    bias: AlignedBuf,
+    zeros: AlignedBuf,
+    input: InputTransform,
+    output: OutputTransform,
+    gemm: Kernel<kernels::GemmKernel>,
+    /// Tiles to gather (over tile rows and images) before multiplying.
+    group_tiles: usize,
+}
+
+/// Whether F(4x4, 3x3) supports this convolution on a `h x w` image.
+pub fn supports(conv: &FoldedConv, stride: usize, h: usize, w: usize) -> bool {
+    let widths = |c| matches!(c, 16 | 32 | 64);
+    conv.k == 3
+        && stride == 1
+        && widths(conv.cin)
+        && widths(conv.cout)
+        && h.is_multiple_of(TILE)
+        && w.is_multiple_of(TILE)
+        && w / TILE <= MAX_GROUP_TILES
+}
+
+impl WinogradLayer {
+    /// Transforms the filters. `supports(conv, 1, h, w)` must hold.
+    pub fn new(conv: &FoldedConv, w: usize, level: SimdLevel) -> Self {
+        let (cin, cout) = (conv.cin, conv.cout);
+        assert!(supports(conv, 1, TILE, w), "unsupported Winograd layer");
+        let mut u = AlignedBuf::zeros(POSITIONS * cin * cout);
+        let packed = u.as_mut_slice();
+        for co in 0..cout {
+            for ci in 0..cin {
+                let g = &conv.weight[(co * cin + ci) * 9..][..9];
+                // G g G^T in f64.
+                let mut gg = [[0.0f64; 3]; ALPHA];
+                for (i, row) in gg.iter_mut().enumerate() {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v = (0..3).map(|k| G[i][k] * f64::from(g[k * 3 + j])).sum();
+                    }
+                }
+                for i in 0..ALPHA {
+                    for j in 0..ALPHA {
+                        let v: f64 = (0..3).map(|k| gg[i][k] * G[j][k]).sum();
+                        packed[((i * ALPHA + j) * cin + ci) * cout + co] = v as f32;
+                    }
+                }
+            }
+        }
+        let mut bias = AlignedBuf::zeros(cout);
+        bias.as_mut_slice().copy_from_slice(&conv.bias);
+        // Wider layers have larger transformed filters (36 cin x cout): gather more tiles per
+        // multiplication so that each filter matrix is read from memory once for all of them.
+        let group_tiles = (8 * cin / 16).clamp(w / TILE, MAX_GROUP_TILES);
+        Self {
+            cin,
+            cout,
+            u,
+            bias,
+            zeros: AlignedBuf::zeros(cout),
+            input: input_transform_for(level, cin),
+            output: output_transform_for(level, cout),
+            gemm: kernels::select_gemm(level, cin, cout),
+            group_tiles,
+        }
+    }
+
+    /// Tiles to gather before each [`Self::multiply`] (a whole number of tile rows).
+    pub fn group_tiles(&self) -> usize {
+        self.group_tiles
+    }
+
+    /// Transforms tile rows `tiles` of the bordered image `input` into the scratch, as tiles
+    /// `offset..` of a group of `n` tiles.
+    pub fn transform_input(
+        &self,
+        input: &[f32],
+        src: Plane,
+        tiles: Range<usize>,
+        (offset, n): (usize, usize),
+        scratch: &mut Scratch,
+    ) {
+        assert_eq!(src.c, self.cin, "input channels");
+        assert_eq!(input.len(), src.floats(), "input buffer");
+        assert!(
+            tiles.end * TILE <= src.h && src.w.is_multiple_of(TILE),
+            "tile rows"
+        );
+        assert!(offset + tiles.len() * (src.w / TILE) <= n && n <= MAX_GROUP_TILES);
+        let args = InputArgs {
+            input,
+            src,
+            tiles,
+            slot: Slot { offset, n },
+        };
+        let v = &mut scratch.v.as_mut_slice()[..POSITIONS * n * self.cin];
+        // SAFETY: the transform for this level was selected for a CPU that supports it (levels
+        // are checked when the engine is built); it indexes slices, so it is bounds-checked.
+        unsafe { (self.input)(&args, v) };
+    }
+
+    /// Transforms tiles `offset..` of the group of `n` back into tile rows `tiles` of the output
+    /// image: `output` holds exactly their bordered rows, `residual` (same extent) is added
+    /// before the optional ReLU.
+    #[allow(clippy::too_many_arguments)]
+    pub fn transform_output(
+        &self,
+        scratch: &Scratch,
+        (offset, n): (usize, usize),
+        tiles: Range<usize>,
+        output: &mut [f32],
+        dst: Plane,
+        residual: Option<&[f32]>,
+        relu: bool,
+    ) {
+        assert_eq!(dst.c, self.cout, "output channels");
+        let rows = tiles.start * TILE..tiles.end * TILE;
+        assert!(rows.end <= dst.h && dst.w.is_multiple_of(TILE), "tile rows");
+        assert_eq!(output.len(), dst.rows(&rows).len(), "output band");
+        if let Some(r) = residual {
+            assert_eq!(r.len(), output.len(), "residual band");
+        }
+        assert!(offset + tiles.len() * (dst.w / TILE) <= n && n <= MAX_GROUP_TILES);
+        let args = OutputArgs {
+            m: &scratch.m.as_slice()[..POSITIONS * n * self.cout],
+            tiles,
+            slot: Slot { offset, n },
+            bias: self.bias.as_slice(),
+            dst,
+            residual,
+            relu,
+        };
+        // SAFETY: as for the input transform.
+        unsafe { (self.output)(&args, output) };
+    }
+
+    /// Every output row of the convolution of one image, tile rows in groups (for tests and
+    /// simple callers; the network gathers tiles across images instead).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        input: &[f32],
+        src: Plane,
+        output: &mut [f32],
+        dst: Plane,
+        residual: Option<&[f32]>,
+        relu: bool,
+        scratch: &mut Scratch,
+    ) {
+        let tiles_x = dst.w / TILE;
+        let rows_per_group = (self.group_tiles / tiles_x).max(1);
+        let mut ty = 0;
+        while ty < dst.h / TILE {
+            let tiles = ty..(ty + rows_per_group).min(dst.h / TILE);
+            let n = tiles.len() * tiles_x;
+            self.transform_input(input, src, tiles.clone(), (0, n), scratch);
+            self.multiply(n, scratch);
+            let band = dst.rows(&(tiles.start * TILE..tiles.end * TILE));
+            self.transform_output(
+                scratch,
+                (0, n),
+                tiles.clone(),
+                &mut output[band.clone()],
+                dst,
+                residual.map(|r| &r[band]),
+                relu,
+            );
+            ty = tiles.end;
+        }
+    }
+
+    /// `M[p] = V[p] U[p]` for the 36 positions of the `n` tiles in the scratch.
+    pub fn multiply(&self, n: usize, scratch: &mut Scratch) {
+        let (cin, cout) = (self.cin, self.cout);
+        assert!(n <= MAX_GROUP_TILES, "group size");
+        let v = &scratch.v.as_slice()[..POSITIONS * n * cin];
+        let m = &mut scratch.m.as_mut_slice()[..POSITIONS * n * cout];
+        match self.gemm {
+            Kernel::Scalar => {
+                for p in 0..POSITIONS {
+                    let u = &self.u.as_slice()[p * cin * cout..][..cin * cout];
+                    for t in 0..n {
+                        let x = &v[(p * n + t) * cin..][..cin];
+                        let out = &mut m[(p * n + t) * cout..][..cout];
+                        out.fill(0.0);
+                        for (&xv, w) in x.iter().zip(u.chunks_exact(cout)) {
+                            for (o, &w) in out.iter_mut().zip(w) {
+                                *o += xv * w;
+                            }
+                        }
+                    }
+                }
+            }
+            Kernel::Simd(gemm) => {
+                let raw = RawGemm {
+                    v: v.as_ptr(),
+                    u: self.u.as_slice().as_ptr(),
+                    zeros: self.zeros.as_slice().as_ptr(),
+                    m: m.as_mut_ptr(),
+                    positions: POSITIONS,
+                    tiles: n,
+                };
+                // SAFETY: selected for this CPU and (cin, cout); `v` holds 36 x n x cin floats,
+                // `m` 36 x n x cout (asserted above), `u` 36 x cin x cout, `zeros` cout.
+                unsafe { gemm(&raw) };
+            }
+        }
+    }
+}
+
+/// `a * b + c`, fused where the instruction set has FMA (a libm call would be slow elsewhere).
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// `B^T d` on six vectors of `L` channels.
+#[inline(always)]
+fn input_1d<const L: usize, const FMA: bool>(d: [&[f32; L]; ALPHA], t: &mut [[f32; L]; ALPHA]) {
+    for c in 0..L {
+        let [d0, d1, d2, d3, d4, d5] = [d[0][c], d[1][c], d[2][c], d[3][c], d[4][c], d[5][c]];
+        t[0][c] = madd::<FMA>(4.0, d0, madd::<FMA>(-5.0, d2, d4));
+        t[1][c] = madd::<FMA>(-4.0, d1 + d2, d3 + d4);
+        t[2][c] = madd::<FMA>(4.0, d1 - d2, d4 - d3);
+        let (e, f) = (d3 - d1, d4 - d2);
+        t[3][c] = madd::<FMA>(2.0, e, f);
+        t[4][c] = madd::<FMA>(-2.0, e, f);
+        t[5][c] = madd::<FMA>(4.0, d1, madd::<FMA>(-5.0, d3, d5));
+    }
+}
+
+/// `A^T m` on six vectors of `L` channels, to four.
+#[inline(always)]
+fn output_1d<const L: usize, const FMA: bool>(m: [&[f32; L]; ALPHA], o: &mut [[f32; L]; TILE]) {
+    for c in 0..L {
+        let [m0, m1, m2, m3, m4, m5] = [m[0][c], m[1][c], m[2][c], m[3][c], m[4][c], m[5][c]];
+        let (a, b, s, d) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
+        o[0][c] = m0 + a + s;
+        o[1][c] = madd::<FMA>(2.0, d, b);
+        o[2][c] = madd::<FMA>(4.0, s, a);
+        o[3][c] = madd::<FMA>(8.0, d, b + m5);
+    }
+}
+
+/// The `L` floats of `s` from `at`, unchecked: the transforms check their extent once per call
+/// (bounds checks on every vector cost them some 10%).
+///
+/// # Safety
+/// `at + L <= s.len()`.
+#[inline(always)]
+unsafe fn lanes<const L: usize>(s: &[f32], at: usize) -> &[f32; L] {
+    debug_assert!(at + L <= s.len());
+    // SAFETY: in bounds (contract); `[f32; L]` has the alignment of `f32`.
+    unsafe { &*s.as_ptr().add(at).cast::<[f32; L]>() }
+}
+
+/// Writes `L` floats into `s` from `at`, unchecked.
+///
+/// # Safety
+/// `at + L <= s.len()`.
+#[inline(always)]
+unsafe fn store<const L: usize>(s: &mut [f32], at: usize, values: &[f32; L]) {
+    debug_assert!(at + L <= s.len());
+    // SAFETY: in bounds (contract); `values` is a distinct local array.
+    unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), s.as_mut_ptr().add(at), L) };
+}
+
+/// `V = B^T d B` for every tile of the tile rows `a.tiles`, `L` channels at a time (one
+/// register's worth, so that a tile's 36 vectors stay in registers and the first cache level).
+#[inline(always)]
+fn input_transform<const C: usize, const L: usize, const FMA: bool>(
+    a: &InputArgs<'_>,
+    v: &mut [f32],
+) {
+    let tiles_x = a.src.w / TILE;
+    let Slot { offset, n } = a.slot;
+    if a.tiles.is_empty() {
+        return;
+    }
+    // The extent of every access below: the last tile's last input pixel, and the last position
+    // of the last tile in V.
+    assert!(C.is_multiple_of(L) && a.src.c == C && a.src.w.is_multiple_of(TILE));
+    let last_tile = offset + a.tiles.len() * tiles_x - 1;
+    assert!(last_tile < n && (POSITIONS * n) * C <= v.len(), "V extent");
+    assert!(
+        (TILE * (a.tiles.end - 1) + ALPHA) * a.src.row_len() <= a.input.len()
+            && TILE * (tiles_x - 1) + ALPHA <= a.src.w + 2,
+        "input extent"
+    );
+    let mut cols = [[[0.0f32; L]; ALPHA]; ALPHA];
+    let mut row = [[0.0f32; L]; ALPHA];
+    for (t_row, ty) in a.tiles.clone().enumerate() {
+        for tx in 0..tiles_x {
+            let t = offset + t_row * tiles_x + tx;
+            // The tile's input starts one pixel above and left of its output: bordered (4ty, 4tx).
+            let base = TILE * ty * a.src.row_len() + TILE * tx * C;
+            for c in (0..C).step_by(L) {
+                for (j, col) in cols.iter_mut().enumerate() {
+                    let at = base + j * C + c;
+                    let r = a.src.row_len();
+                    let x = a.input;
+                    // SAFETY: rows 4ty..4ty+6 and columns 4tx..4tx+6 of the bordered input are
+                    // within the extent asserted above.
+                    let d = unsafe {
+                        [
+                            lanes::<L>(x, at),
+                            lanes::<L>(x, at + r),
+                            lanes::<L>(x, at + 2 * r),
+                            lanes::<L>(x, at + 3 * r),
+                            lanes::<L>(x, at + 4 * r),
+                            lanes::<L>(x, at + 5 * r),
+                        ]
+                    };
+                    input_1d::<L, FMA>(d, col);
+                }
+                // Row i gathers element i of the six transformed columns.
+                #[allow(clippy::needless_range_loop)]
+                for i in 0..ALPHA {
+                    let t_i = [
+                        &cols[0][i],
+                        &cols[1][i],
+                        &cols[2][i],
+                        &cols[3][i],
+                        &cols[4][i],
+                        &cols[5][i],
+                    ];
+                    input_1d::<L, FMA>(t_i, &mut row);
+                    for (j, r) in row.iter().enumerate() {
+                        let at = ((i * ALPHA + j) * n + t) * C + c;
+                        // SAFETY: position < 36, tile t < n, channel c + L <= C: inside V.
+                        unsafe { store::<L>(v, at, r) };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `Y = A^T M A` + bias (+ residual), ReLU, into the 4x4 output tiles of tile rows `a.tiles`;
+/// `out` holds exactly the bordered rows of those tiles. `L` channels at a time.
+#[inline(always)]
+fn output_transform<const C: usize, const L: usize, const FMA: bool>(
+    a: &OutputArgs<'_>,
+    out: &mut [f32],
+) {
+    let tiles_x = a.dst.w / TILE;
+    let Slot { offset, n } = a.slot;
+    if a.tiles.is_empty() {
+        return;
+    }
+    // The extent of every access below: M's last position of the last tile, and the last pixel
+    // of the band in the output and residual.
+    assert!(
+        C.is_multiple_of(L) && a.dst.c == C && a.dst.w.is_multiple_of(TILE) && a.bias.len() >= C
+    );
+    assert!(
+        offset + a.tiles.len() * tiles_x <= n && POSITIONS * n * C <= a.m.len(),
+        "M extent"
+    );
+    let band_len = TILE * a.tiles.len() * a.dst.row_len();
+    assert!(band_len <= out.len(), "output extent");
+    assert!(
+        a.residual.is_none_or(|r| r.len() == out.len()),
+        "residual extent"
+    );
+    let mut cols = [[[0.0f32; L]; TILE]; ALPHA];
+    let mut row = [[0.0f32; L]; TILE];
+    for (t_row, ty) in a.tiles.clone().enumerate() {
+        for tx in 0..tiles_x {
+            let t = offset + t_row * tiles_x + tx;
+            for c in (0..C).step_by(L) {
+                for (j, col) in cols.iter_mut().enumerate() {
+                    // Position (i, j) lies ALPHA * n * C floats after (i - 1, j).
+                    let (at, step) = ((j * n + t) * C + c, ALPHA * n * C);
+                    // SAFETY: positions (0..6, j) of tile t < n, channels c..c+L <= C: inside M.
+                    let m = unsafe {
+                        [
+                            lanes::<L>(a.m, at),
+                            lanes::<L>(a.m, at + step),
+                            lanes::<L>(a.m, at + 2 * step),
+                            lanes::<L>(a.m, at + 3 * step),
+                            lanes::<L>(a.m, at + 4 * step),
+                            lanes::<L>(a.m, at + 5 * step),
+                        ]
+                    };
+                    output_1d::<L, FMA>(m, col);
+                }
+                // SAFETY: c + L <= C <= bias length (asserted).
+                let bias = unsafe { lanes::<L>(a.bias, c) };
+                // Output row r gathers element r of the six transformed columns.
+                #[allow(clippy::needless_range_loop)]
+                for r in 0..TILE {
+                    let s_r = [
+                        &cols[0][r],
+                        &cols[1][r],
+                        &cols[2][r],
+                        &cols[3][r],
+                        &cols[4][r],
+                        &cols[5][r],
+                    ];
+                    output_1d::<L, FMA>(s_r, &mut row);
+                    let y = TILE * (ty - a.tiles.start) + r;
+                    for (x, values) in (TILE * tx..TILE * tx + TILE).zip(&row) {
+                        let at = y * a.dst.row_len() + (x + 1) * C + c;
+                        let mut o = [0.0f32; L];
+                        for k in 0..L {
+                            o[k] = values[k] + bias[k];
+                        }
+                        // SAFETY (residual read and output write): row y < 4 x tile rows and
+                        // column x + 1 <= w, so `at + L` is within the asserted band.
+                        if let Some(res) = a.residual {
+                            let r = unsafe { lanes::<L>(res, at) };
+                            for k in 0..L {
+                                o[k] += r[k];
+                            }
+                        }
+                        if a.relu {
+                            for v in o.iter_mut() {
+                                *v = v.max(0.0);
+                            }
+                        }
+                        unsafe { store::<L>(out, at, &o) };
+                    }
+                }
+            }
+        }
+    }
+}
+
+macro_rules! instantiate {
+    ($input:ident, $output:ident, $lanes:literal, $fma:literal $(, $features:literal)?) => {
+        /// # Safety
+        /// The CPU supports the wrapper's target features.
+        $(#[target_feature(enable = $features)])?
+        unsafe fn $input<const C: usize>(a: &InputArgs<'_>, v: &mut [f32]) {
+            input_transform::<C, $lanes, $fma>(a, v)
+        }
+        /// # Safety
+        /// The CPU supports the wrapper's target features.
+        $(#[target_feature(enable = $features)])?
+        unsafe fn $output<const C: usize>(a: &OutputArgs<'_>, out: &mut [f32]) {
+            output_transform::<C, $lanes, $fma>(a, out)
+        }
+    };
+}
+
+// Lanes: one register of the instruction set (the portable build assumes 128-bit vectors).
+instantiate!(input_scalar, output_scalar, 4, false);
+#[cfg(target_arch = "x86_64")]
+instantiate!(input_avx2, output_avx2, 8, true, "avx2,fma");
+#[cfg(target_arch = "x86_64")]
+instantiate!(input_avx512, output_avx512, 16, true, "avx512f,avx2,fma");
+
+macro_rules! by_width {
+    ($f:ident, $c:expr) => {
+        match $c {
+            16 => $f::<16> as _,
+            32 => $f::<32> as _,
+            _ => $f::<64> as _,
+        }
+    };
+}
+
+fn input_transform_for(level: SimdLevel, c: usize) -> InputTransform {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => by_width!(input_avx512, c),
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => by_width!(input_avx2, c),
+        _ => by_width!(input_scalar, c),
+    }
+}
+
+fn output_transform_for(level: SimdLevel, c: usize) -> OutputTransform {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => by_width!(output_avx512, c),
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => by_width!(output_avx2, c),
+        _ => by_width!(output_scalar, c),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::fast::testing::{image, noise, reference};
+
+    /// Every level the CPU has, every channel width, one and several tile rows per group, with
+    /// and without residual and ReLU, against the definition of the convolution.
+    #[test]
+    fn winograd_matches_the_definition_on_random_data() {
+        let shapes = [
+            (32, 32, 16, 16),
+            (16, 16, 32, 32),
+            (8, 8, 64, 64),
+            (4, 12, 16, 32),
+            (12, 8, 64, 16),
+        ];
+        for (i, &(h, w, cin, cout)) in shapes.iter().enumerate() {
+            let conv = FoldedConv {
+                cout,
+                cin,
+                k: 3,
+                weight: noise(cout * cin * 9, 200 + i as u64),
+                bias: noise(cout, 300 + i as u64),
+            };
+            assert!(supports(&conv, 1, h, w));
+            let (src, dst) = (Plane::new(h, w, cin), Plane::new(h, w, cout));
+            let input = image(src, 400 + i as u64);
+            let residual = image(dst, 500 + i as u64);
+            for level in SimdLevel::supported() {
+                let layer = WinogradLayer::new(&conv, w, level);
+                let mut scratch = Scratch::default();
+                for (res, relu) in [(None, false), (Some(&residual[..]), true)] {
+                    let mut got = vec![0.0; dst.floats()];
+                    layer.run(&input, src, &mut got, dst, res, relu, &mut scratch);
+                    let want = reference(&conv, 1, &input, src, dst, res, relu);
+                    // Winograd's rounding error grows with the magnitude of the partial sums,
+                    // so it is judged against the scale of the output.
+                    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                    for (j, (g, e)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - e).abs() <= 1e-4 * scale,
+                            "{level} {:?}: at {j} got {g}, want {e} (scale {scale})",
+                            shapes[i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn only_stride_one_3x3_convolutions_of_supported_widths_qualify() {
+        let conv = |cin, cout, k| FoldedConv {
+            cout,
+            cin,
+            k,
+            weight: vec![0.0; cout * cin * k * k],
+            bias: vec![0.0; cout],
+        };
+        assert!(supports(&conv(16, 16, 3), 1, 32, 32));
+        assert!(!supports(&conv(16, 16, 3), 2, 32, 32));
+        assert!(!supports(&conv(16, 16, 1), 1, 32, 32));
+        assert!(!supports(&conv(3, 16, 3), 1, 32, 32));
+        assert!(!supports(&conv(16, 16, 3), 1, 30, 32));
+    }
+}

@@ -1,0 +1,388 @@
+//! The fast CPU engine: parity with the PyTorch reference logits at every SIMD level this CPU
+//! has, on odd batch sizes and thread counts; agreement with the candle engine on a zero-pad,
+//! bias-free network; engine selection and errors.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use resnet_serve::cli::eval::{evaluate, load_reference, LabelledImages};
+use resnet_serve::config::{DeviceChoice, EngineChoice, ModelArgs, SimdChoice};
+use resnet_serve::model::fast::{FastOptions, FastResNet, SimdLevel, Threading};
+use resnet_serve::model::{Checkpoint, Model, ModelError, Shortcut, IMAGE_FLOATS};
+use resnet_serve::preprocess::normalize_chw;
+use safetensors::tensor::TensorView;
+
+const SEED_WEIGHTS: &str = "models/resnet56-seed-random.safetensors";
+const TEST_IMAGES: &str = "data/cifar10-test-846.safetensors";
+const REFERENCE: &str = "reference/logits.safetensors";
+
+fn args(weights: &Path, engine: EngineChoice, simd: SimdChoice, threads: usize) -> ModelArgs {
+    ModelArgs {
+        weights: weights.to_path_buf(),
+        device: DeviceChoice::Cpu,
+        engine,
+        simd,
+        threads,
+    }
+}
+
+fn choice(level: SimdLevel) -> SimdChoice {
+    match level {
+        SimdLevel::Avx512 => SimdChoice::Avx512,
+        SimdLevel::Avx2 => SimdChoice::Avx2,
+        SimdLevel::Scalar => SimdChoice::Scalar,
+    }
+}
+
+/// The first `n` images of the labelled set and their reference logits.
+fn first_images(n: usize) -> Option<(PathBuf, LabelledImages, Vec<f32>)> {
+    let weights = common::shared_file(SEED_WEIGHTS)?;
+    let data = LabelledImages::load(&common::shared_file(TEST_IMAGES)?).unwrap();
+    let reference = load_reference(&common::shared_file(REFERENCE)?, "seed_random_logits").unwrap();
+    let n = n.min(data.len());
+    let classes = reference.len() / data.len();
+    let subset = LabelledImages {
+        pixels: data.pixels[..n * IMAGE_FLOATS].to_vec(),
+        labels: data.labels[..n].to_vec(),
+    };
+    Some((weights, subset, reference[..n * classes].to_vec()))
+}
+
+/// Each SIMD level this CPU supports, forced, on batches of 1, 3, 17 and 64 (each ending in a
+/// partial batch), with 1 and 2 threads (whole images per thread, and an image split between
+/// threads for the remainder): top-1 agreement 1.0 and |logit diff| <= 1e-3 against PyTorch.
+#[test]
+fn every_simd_level_matches_the_pytorch_reference_on_odd_batches() {
+    let Some((weights, data, reference)) = first_images(70) else {
+        return;
+    };
+    for level in [SimdLevel::Avx512, SimdLevel::Avx2, SimdLevel::Scalar] {
+        if !level.is_supported() {
+            eprintln!("SKIPPED: this CPU does not support {level}; its kernels were not tested");
+            continue;
+        }
+        for threads in [1, 2] {
+            let model =
+                Model::load(&args(&weights, EngineChoice::Fast, choice(level), threads)).unwrap();
+            assert_eq!(model.engine_name(), format!("fast-{level}"));
+            for batch in [1, 3, 17, 64] {
+                let report = evaluate(&model, &data, Some(&reference), batch).unwrap();
+                let (agree, diff) = (
+                    report.top1_agreement.unwrap(),
+                    report.max_abs_logit_diff.unwrap(),
+                );
+                eprintln!("{level} threads {threads} batch {batch}: agreement {agree}, max diff {diff:.2e}");
+                assert_eq!(agree, 1.0, "{level}, {threads} threads, batch {batch}");
+                assert!(
+                    diff <= 1e-3,
+                    "{level}, {threads} threads, batch {batch}: {diff}"
+                );
+            }
+        }
+    }
+}
+
+/// The default engine on the CPU is the fast one, on the whole reference set.
+#[test]
+fn auto_engine_matches_the_reference_on_the_whole_test_set() {
+    let Some((weights, data, reference)) = first_images(usize::MAX) else {
+        return;
+    };
+    let model = Model::load(&args(&weights, EngineChoice::Auto, SimdChoice::Auto, 0)).unwrap();
+    assert_eq!(model.engine_name(), format!("fast-{}", SimdLevel::detect()));
+    let report = evaluate(&model, &data, Some(&reference), 64).unwrap();
+    assert_eq!(report.images, 846);
+    assert_eq!(report.top1_agreement, Some(1.0));
+    assert!(report.max_abs_logit_diff.unwrap() <= 1e-3, "{report:?}");
+}
+
+/// Normalised images `[n, 3, 32, 32]` from the test set.
+fn normalised_batch(data: &LabelledImages, n: usize, mean: &[f32; 3], std: &[f32; 3]) -> Tensor {
+    let mut input = Vec::with_capacity(n * IMAGE_FLOATS);
+    for image in data.pixels.chunks_exact(IMAGE_FLOATS).take(n) {
+        normalize_chw(image, mean, std, &mut input);
+    }
+    Tensor::from_vec(input, (n, 3, 32, 32), &Device::Cpu).unwrap()
+}
+
+/// Threading changes who computes what, never the arithmetic: every strategy and thread count
+/// gives bit-identical logits.
+#[test]
+fn threading_strategies_give_identical_logits() {
+    let Some((weights, data, _)) = first_images(7) else {
+        return;
+    };
+    let ckpt = Checkpoint::load(&weights).unwrap();
+    let x = normalised_batch(&data, 7, &ckpt.metadata.mean, &ckpt.metadata.std);
+    let baseline = FastResNet::new(&ckpt.spec, &ckpt.tensors, SimdChoice::Auto, 1)
+        .unwrap()
+        .forward(&x)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    for threads in [2, 3] {
+        for threading in [Threading::Auto, Threading::Images, Threading::Layers] {
+            let options = FastOptions {
+                threads,
+                threading,
+                ..FastOptions::default()
+            };
+            let net = FastResNet::with_options(&ckpt.spec, &ckpt.tensors, &options).unwrap();
+            for n in [1, 2, 7] {
+                let got = net.forward(&x.narrow(0, 0, n).unwrap()).unwrap();
+                assert_eq!(
+                    got.to_vec2::<f32>().unwrap(),
+                    baseline[..n],
+                    "{threads} threads, {threading:?}, batch {n}"
+                );
+            }
+        }
+    }
+}
+
+/// The seed tensors rewritten as a paper-style network: no convolution biases, no projection
+/// shortcut tensors (so the zero-pad shortcut), batch norms and classifier kept.
+fn zero_pad_no_bias_checkpoint(seed: &Path) -> Checkpoint {
+    let bytes = std::fs::read(seed).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let is_conv_bias = |name: &str| {
+        name.ends_with(".bias")
+            && (name.starts_with("conv1") || name.contains(".conv1.") || name.contains(".conv2."))
+    };
+    let kept: Vec<(String, TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(name, _)| !is_conv_bias(name) && !name.contains(".residual."))
+        .collect();
+    let out = safetensors::serialize(kept, None).unwrap();
+    let ckpt = Checkpoint::from_bytes(Path::new("zero-pad.safetensors"), &out).unwrap();
+    assert_eq!(ckpt.spec.shortcut, Shortcut::ZeroPad);
+    assert!(!ckpt.spec.conv_bias);
+    ckpt
+}
+
+fn build(ckpt: &Checkpoint, engine: EngineChoice, simd: SimdChoice, threads: usize) -> Model {
+    let copy = Checkpoint {
+        spec: ckpt.spec,
+        metadata: ckpt.metadata.clone(),
+        tensors: ckpt.tensors.clone(),
+    };
+    Model::from_checkpoint(copy, &args(Path::new("unused"), engine, simd, threads)).unwrap()
+}
+
+/// The zero-pad shortcut and bias-free folding, against the candle engine on the same inputs.
+#[test]
+fn zero_pad_network_without_bias_matches_the_candle_engine() {
+    let Some((weights, data, _)) = first_images(19) else {
+        return;
+    };
+    let ckpt = zero_pad_no_bias_checkpoint(&weights);
+    let x = normalised_batch(&data, 19, &ckpt.metadata.mean, &ckpt.metadata.std);
+    let want = build(&ckpt, EngineChoice::Candle, SimdChoice::Auto, 0)
+        .forward(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(scale > 0.0);
+    for level in SimdLevel::supported() {
+        for threads in [1, 2] {
+            let got = build(&ckpt, EngineChoice::Fast, choice(level), threads)
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let diff = got
+                .iter()
+                .zip(&want)
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            eprintln!("zero-pad, no bias, {level}, {threads} threads: max diff {diff:.2e} (scale {scale:.2e})");
+            assert!(diff <= 1e-3 * scale, "{level}: {diff} vs scale {scale}");
+        }
+    }
+}
+
+#[test]
+fn engine_choice_on_the_cpu() {
+    let Some(weights) = common::shared_file(SEED_WEIGHTS) else {
+        return;
+    };
+    let candle = Model::load(&args(&weights, EngineChoice::Candle, SimdChoice::Auto, 0)).unwrap();
+    assert_eq!(candle.engine_name(), "candle");
+    // The model worker owns the model on its own thread: the fast engine must allow that.
+    fn shareable<T: Send + Sync>(_: &T) {}
+    for level in [SimdLevel::Avx512, SimdLevel::Avx2, SimdLevel::Scalar] {
+        let result = Model::load(&args(&weights, EngineChoice::Fast, choice(level), 1));
+        if level.is_supported() {
+            let model = result.unwrap();
+            shareable(&model);
+            assert_eq!(model.engine_name(), format!("fast-{level}"));
+        } else {
+            let err = result.unwrap_err();
+            assert!(matches!(err, ModelError::Fast(_)), "{err:?}");
+            assert!(err.to_string().contains("does not support"), "{err}");
+            eprintln!("{level} is missing on this CPU; forcing it fails with: {err}");
+        }
+    }
+}
+
+#[test]
+fn wrong_input_shapes_are_errors() {
+    let Some(weights) = common::shared_file(SEED_WEIGHTS) else {
+        return;
+    };
+    let ckpt = Checkpoint::load(&weights).unwrap();
+    let net = FastResNet::new(&ckpt.spec, &ckpt.tensors, SimdChoice::Auto, 2).unwrap();
+    for shape in [&[2, 3, 16, 16][..], &[2, 1, 32, 32], &[3, 32, 32]] {
+        let x = Tensor::zeros(shape, candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(net.forward(&x).is_err(), "{shape:?}");
+    }
+    let empty = Tensor::zeros((0, 3, 32, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(net.forward(&empty).unwrap().dims(), &[0, 10]);
+}
+
+#[test]
+fn absurd_thread_counts_are_errors() {
+    let Some(weights) = common::shared_file(SEED_WEIGHTS) else {
+        return;
+    };
+    let err = Model::load(&args(
+        &weights,
+        EngineChoice::Fast,
+        SimdChoice::Auto,
+        100_000,
+    ))
+    .unwrap_err();
+    assert!(err.to_string().contains("at most"), "{err}");
+}
+
+#[test]
+fn missing_or_misshapen_tensors_are_errors() {
+    let Some(weights) = common::shared_file(SEED_WEIGHTS) else {
+        return;
+    };
+    let ckpt = Checkpoint::load(&weights).unwrap();
+    let mut tensors: HashMap<String, Tensor> = ckpt.tensors.clone();
+    tensors.remove("block2.3.bn1.running_var");
+    let err = FastResNet::new(&ckpt.spec, &tensors, SimdChoice::Auto, 1).unwrap_err();
+    assert!(
+        err.to_string().contains("block2.3.bn1.running_var"),
+        "{err}"
+    );
+    let mut tensors = ckpt.tensors.clone();
+    tensors.insert(
+        "fc.weight".into(),
+        Tensor::zeros((10, 32), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    let err = FastResNet::new(&ckpt.spec, &tensors, SimdChoice::Auto, 1).unwrap_err();
+    assert!(err.to_string().contains("fc.weight"), "{err}");
+}
+
+/// CPU seconds this process has used (user + system), from /proc (Linux only).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// Threading strategies and algorithms side by side, alternated: run with
+/// `cargo test --release --test fast_engine -- --ignored --nocapture strategies`.
+/// Prints images/s (wall) and images per CPU-second for each configuration.
+#[test]
+#[ignore = "a benchmark: run in release, by hand"]
+fn strategies_benchmark() {
+    let Some(weights) = common::shared_file(SEED_WEIGHTS) else {
+        return;
+    };
+    let ckpt = Checkpoint::load(&weights).unwrap();
+    let seconds: f64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2.0);
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let configs = [
+        ("1 thread", 1, Threading::Auto, true),
+        ("2 threads, auto", 2, Threading::Auto, true),
+        ("2 threads, images", 2, Threading::Images, true),
+        ("2 threads, layers", 2, Threading::Layers, true),
+        ("2 threads, auto, direct only", 2, Threading::Auto, false),
+        ("1 thread, direct only", 1, Threading::Auto, false),
+    ];
+    let nets: Vec<_> = configs
+        .iter()
+        .map(|&(_, threads, threading, winograd)| {
+            let options = FastOptions {
+                simd: SimdChoice::Auto,
+                threads,
+                threading,
+                winograd,
+            };
+            FastResNet::with_options(&ckpt.spec, &ckpt.tensors, &options).unwrap()
+        })
+        .collect();
+    for batch in [1usize, 64] {
+        let x = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), &Device::Cpu).unwrap();
+        // Whatever is timed must compute the same thing.
+        let first = nets[0]
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for net in &nets[1..] {
+            let other = net
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let diff = first
+                .iter()
+                .zip(&other)
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(diff <= 1e-3, "configurations disagree by {diff}");
+        }
+        let mut results = vec![Vec::new(); configs.len()];
+        for _ in 0..rounds {
+            for (k, net) in nets.iter().enumerate() {
+                net.forward(&x).unwrap();
+                let (wall, cpu) = (std::time::Instant::now(), process_cpu_seconds());
+                let mut passes = 0;
+                while passes == 0 || wall.elapsed().as_secs_f64() < seconds {
+                    std::hint::black_box(net.forward(&x).unwrap());
+                    passes += 1;
+                }
+                let images = (passes * batch) as f64;
+                let per_cpu = match (cpu, process_cpu_seconds()) {
+                    (Some(a), Some(b)) if b > a => images / (b - a),
+                    _ => f64::NAN,
+                };
+                results[k].push((images / wall.elapsed().as_secs_f64(), per_cpu));
+            }
+        }
+        for (k, (name, ..)) in configs.iter().enumerate() {
+            let walls: Vec<String> = results[k].iter().map(|r| format!("{:.0}", r.0)).collect();
+            let cpus: Vec<String> = results[k].iter().map(|r| format!("{:.0}", r.1)).collect();
+            eprintln!(
+                "batch {batch:>2} {name:<30} img/s {:<24} img/CPU-s {}",
+                walls.join(" "),
+                cpus.join(" ")
+            );
+        }
+    }
+}

@@ -435,7 +435,7 @@ fn length_prefixed(bytes: &Bytes) -> Result<Vec<Bytes>, ApiError> {
 pub fn decode_base64(text: &str) -> Result<Vec<u8>, String> {
     let trimmed = text.trim_end_matches('=');
     let padding = text.len() - trimmed.len();
-    if padding > 2 || (padding > 0 && text.len() % 4 != 0) || trimmed.len() % 4 == 1 {
+    if padding > 2 || (padding > 0 && !text.len().is_multiple_of(4)) || trimmed.len() % 4 == 1 {
         return Err("not valid base64 (bad length or padding)".into());
     }
     let mut out = Vec::with_capacity(trimmed.len() / 4 * 3 + 2);

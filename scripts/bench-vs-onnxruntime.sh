@@ -4,7 +4,7 @@
 # single measurements unreliable), then the median images/s of each and the per-round ratios.
 #
 #   scripts/bench-vs-onnxruntime.sh            # 3 rounds, 2 threads, batch 1 and 64, 3 s each
-#   ROUNDS=5 THREADS=2 BATCHES=1,64 BENCH_SECONDS=3 SKIP_CANDLE=1 scripts/bench-vs-onnxruntime.sh
+#   ROUNDS=5 THREADS=2 BATCHES=1,64 BENCH_SECONDS=3 SKIP_CANDLE=1 BINARY=path scripts/bench-vs-onnxruntime.sh
 #
 # Needs python3 with numpy and onnxruntime, and the shared data directory (RESNET_SHARED_DIR,
 # default ../shared) with models/resnet56-seed-random.safetensors and bench/ort_bench.py.
@@ -22,8 +22,9 @@ for f in "$weights" "$ort"; do
     [[ -f $f ]] || { echo "missing $f (set RESNET_SHARED_DIR)" >&2; exit 1; }
 done
 
-cargo build --release --quiet
-bin=target/release/resnet-serve
+# BINARY: an already built resnet-serve to measure instead of building this checkout.
+if [[ -z ${BINARY:-} ]]; then cargo build --release --quiet; fi
+bin=${BINARY:-target/release/resnet-serve}
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 

@@ -15,14 +15,16 @@ seconds=${SECONDS_PER_LEVEL:-5}
 levels=${LEVELS:-"1 16 64"}
 port=${PORT:-18080}
 
-cargo build --release --quiet --bin resnet-serve
+# BINARY: an already built resnet-serve to load instead of building this checkout.
+if [[ -z ${BINARY:-} ]]; then cargo build --release --quiet --bin resnet-serve; fi
+server_bin=${BINARY:-target/release/resnet-serve}
 cargo build --quiet --example load_test
 client=target/debug/examples/load_test
 image_args=()
 if [[ -n "${IMAGE:-}" ]]; then image_args=(--image "$IMAGE"); fi
 
 log=$(mktemp)
-target/release/resnet-serve serve --offline --weights "$weights" --host 127.0.0.1 --port "$port" \
+"$server_bin" serve --offline --weights "$weights" --host 127.0.0.1 --port "$port" \
     >"$log" 2>&1 &
 server=$!
 stop() {

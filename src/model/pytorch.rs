@@ -221,7 +221,9 @@ fn read_zip(path: &Path, bytes: &[u8]) -> Result<TorchStateDict, ConvertError> {
         let entry = zip
             .by_name(name)
             .map_err(|e| corrupt(path, format!("zip entry {name}: {e}")))?;
-        let mut data = Vec::with_capacity(entry.size().min(limit) as usize);
+        // Sized by what is actually read, not by the size the archive declares: a few bytes of
+        // central directory can claim gigabytes per entry.
+        let mut data = Vec::new();
         entry
             .take(limit + 1)
             .read_to_end(&mut data)

@@ -37,37 +37,10 @@ fn convert_cli(args: &[&OsStr]) -> (bool, String) {
 
 /// Runs `eval` on the paper reference and checks PyTorch parity.
 fn assert_matches_pytorch_paper_logits(weights: &Path) {
-    let (Some(data), Some(reference)) = (
-        common::shared_file("data/cifar10-test-846.safetensors"),
-        common::shared_file("reference/logits.safetensors"),
-    ) else {
+    let Some(report) = common::eval_report(weights, "paper_logits", "candle") else {
         return;
     };
-    let (ok, stdout, stderr) = common::run_cli(&[
-        OsStr::new("eval"),
-        OsStr::new("--weights"),
-        weights.as_os_str(),
-        OsStr::new("--data"),
-        data.as_os_str(),
-        OsStr::new("--reference"),
-        reference.as_os_str(),
-        OsStr::new("--reference-key"),
-        OsStr::new("paper_logits"),
-        OsStr::new("--json"),
-        OsStr::new("--engine"),
-        OsStr::new("candle"),
-        OsStr::new("--device"),
-        OsStr::new("cpu"),
-    ]);
-    assert!(ok, "eval failed: {stderr}");
-    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    assert_eq!(report["images"], 846, "{report}");
-    assert!(report["accuracy"].as_f64().unwrap() >= 0.932, "{report}");
-    assert_eq!(report["top1_agreement"].as_f64().unwrap(), 1.0, "{report}");
-    assert!(
-        report["max_abs_logit_diff"].as_f64().unwrap() <= 1e-3,
-        "{report}"
-    );
+    common::assert_pretrained_parity(&report);
 }
 
 #[test]

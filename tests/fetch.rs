@@ -85,11 +85,7 @@ fn entries(dir: &Path) -> Vec<String> {
 
 #[test]
 fn verified_download_converts_to_weights_matching_pytorch() {
-    let (Some(th), Some(data), Some(reference)) = (
-        common::shared_file("models/resnet56-4bfd9763.th"),
-        common::shared_file("data/cifar10-test-846.safetensors"),
-        common::shared_file("reference/logits.safetensors"),
-    ) else {
+    let Some(th) = common::shared_file("models/resnet56-4bfd9763.th") else {
         return;
     };
     let base = serve(std::fs::read(th).unwrap());
@@ -107,31 +103,10 @@ fn verified_download_converts_to_weights_matching_pytorch() {
     assert_eq!(ckpt.metadata.name, "resnet56");
     assert_eq!(ckpt.metadata.source.as_deref(), Some(url.as_str()));
 
-    let (ok, stdout, stderr) = common::run_cli(&[
-        OsStr::new("eval"),
-        OsStr::new("--weights"),
-        output.as_os_str(),
-        OsStr::new("--data"),
-        data.as_os_str(),
-        OsStr::new("--reference"),
-        reference.as_os_str(),
-        OsStr::new("--reference-key"),
-        OsStr::new("paper_logits"),
-        OsStr::new("--json"),
-        OsStr::new("--engine"),
-        OsStr::new("candle"),
-        OsStr::new("--device"),
-        OsStr::new("cpu"),
-    ]);
-    assert!(ok, "eval failed: {stderr}");
-    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    assert_eq!(report["images"], 846, "{report}");
-    assert!(report["accuracy"].as_f64().unwrap() >= 0.932, "{report}");
-    assert_eq!(report["top1_agreement"].as_f64().unwrap(), 1.0, "{report}");
-    assert!(
-        report["max_abs_logit_diff"].as_f64().unwrap() <= 1e-3,
-        "{report}"
-    );
+    let Some(report) = common::eval_report(&output, "paper_logits", "candle") else {
+        return;
+    };
+    common::assert_pretrained_parity(&report);
 }
 
 #[test]

@@ -54,3 +54,41 @@ pub fn run_cli(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// `eval --json` of `weights` on the 846 shared CIFAR-10 images against the reference logits
+/// `reference_key`, with `engine` on the CPU; `None` (skipping loudly) without the shared data.
+pub fn eval_report(weights: &Path, reference_key: &str, engine: &str) -> Option<serde_json::Value> {
+    use std::ffi::OsStr;
+    let data = shared_file("data/cifar10-test-846.safetensors")?;
+    let reference = shared_file("reference/logits.safetensors")?;
+    let (ok, stdout, stderr) = run_cli(&[
+        OsStr::new("eval"),
+        OsStr::new("--weights"),
+        weights.as_os_str(),
+        OsStr::new("--data"),
+        data.as_os_str(),
+        OsStr::new("--reference"),
+        reference.as_os_str(),
+        OsStr::new("--reference-key"),
+        OsStr::new(reference_key),
+        OsStr::new("--json"),
+        OsStr::new("--engine"),
+        OsStr::new(engine),
+        OsStr::new("--device"),
+        OsStr::new("cpu"),
+    ]);
+    assert!(ok, "eval failed: {stderr}");
+    Some(serde_json::from_str(stdout.trim()).expect("eval --json prints one JSON object"))
+}
+
+/// The pretrained checkpoint against PyTorch: all 846 images, accuracy >= 0.932 (PyTorch:
+/// 0.9326), the same top-1 class everywhere, logits within 1e-3.
+pub fn assert_pretrained_parity(report: &serde_json::Value) {
+    assert_eq!(report["images"], 846, "{report}");
+    assert!(report["accuracy"].as_f64().unwrap() >= 0.932, "{report}");
+    assert_eq!(report["top1_agreement"].as_f64().unwrap(), 1.0, "{report}");
+    assert!(
+        report["max_abs_logit_diff"].as_f64().unwrap() <= 1e-3,
+        "{report}"
+    );
+}

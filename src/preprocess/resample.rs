@@ -80,10 +80,13 @@ fn convolve(taps: &Taps, sample: impl Fn(usize) -> u8) -> u8 {
 fn resized_dimensions(width: u32, height: u32, size: u32) -> (u32, u32) {
     let (w, h) = (u64::from(width), u64::from(height));
     let size64 = u64::from(size);
+    // Saturating rather than wrapping: past 2^27:1 (only reachable with a pixel limit raised
+    // above 134M) a wrapped side would move the crop window and the filter out of the image.
+    let longer = |long: u64, short: u64| u32::try_from(size64 * long / short).unwrap_or(u32::MAX);
     if w <= h {
-        (size, (size64 * h / w) as u32)
+        (size, longer(h, w))
     } else {
-        ((size64 * w / h) as u32, size)
+        (longer(w, h), size)
     }
 }
 
@@ -183,6 +186,9 @@ mod tests {
         assert_eq!(resized_dimensions(200, 150, 32), (42, 32)); // int(32 * 200 / 150) = 42
         assert_eq!(resized_dimensions(97, 130, 32), (32, 42)); // int(32 * 130 / 97) = 42
         assert_eq!(resized_dimensions(31, 33, 32), (32, 34));
+        // 32 * 2^28 does not fit in u32: the long side saturates instead of wrapping to 0.
+        assert_eq!(resized_dimensions(1, 1 << 28, 32), (32, u32::MAX));
+        assert_eq!(resized_dimensions(1 << 28, 1, 32), (u32::MAX, 32));
         // round((42 - 32) / 2) = 5; round(0.5) = 0; round(1.5) = 2; round(2.5) = 2
         assert_eq!(crop_offset(42, 32), 5);
         assert_eq!(crop_offset(33, 32), 0);

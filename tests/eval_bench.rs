@@ -10,26 +10,9 @@ fn eval_seed_random_matches_pytorch_logits() {
     let Some(weights) = common::shared_file("models/resnet56-seed-random.safetensors") else {
         return;
     };
-    let data = common::shared_file("data/cifar10-test-846.safetensors").unwrap();
-    let reference = common::shared_file("reference/logits.safetensors").unwrap();
-    let (ok, stdout, stderr) = common::run_cli(&[
-        OsStr::new("eval"),
-        OsStr::new("--weights"),
-        weights.as_os_str(),
-        OsStr::new("--data"),
-        data.as_os_str(),
-        OsStr::new("--reference"),
-        reference.as_os_str(),
-        OsStr::new("--reference-key"),
-        OsStr::new("seed_random_logits"),
-        OsStr::new("--engine"),
-        OsStr::new("candle"),
-        OsStr::new("--device"),
-        OsStr::new("cpu"),
-        OsStr::new("--json"),
-    ]);
-    assert!(ok, "eval failed: {stderr}");
-    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let Some(report) = common::eval_report(&weights, "seed_random_logits", "candle") else {
+        return;
+    };
     eprintln!("{report}");
     assert_eq!(report["images"], 846);
     assert_eq!(report["engine"], "candle");

@@ -26,7 +26,7 @@ cargo build --quiet --example load_test
 client=target/debug/examples/load_test
 
 log=$(mktemp)
-nice -n "${NICE:-0}" "$BINARY" serve --offline --weights "$weights" --host 127.0.0.1 \
+nice -n "${NICE:-0}" "$BINARY" serve --weights "$weights" --host 127.0.0.1 \
     --port "$port" >"$log" 2>&1 &
 server=$!
 stop() {

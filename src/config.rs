@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// The weights path used when `--weights` is not given.
-pub const DEFAULT_WEIGHTS: &str = "weights/resnet56.safetensors";
+/// The weights path used when `--weights` is not given (and a file is there).
+pub const DEFAULT_WEIGHTS: &str = crate::model::weights::DEFAULT_WEIGHTS_PATH;
 
 /// resnet-serve: classify images with a CIFAR ResNet over HTTP.
 #[derive(Debug, Parser)]
@@ -44,6 +44,8 @@ pub enum Command {
     Eval(EvalArgs),
     /// Forward-pass throughput on preprocessed tensors, one JSON line per batch size.
     Bench(BenchArgs),
+    /// Exit 0 when a local server answers `/health/live` (the container image's HEALTHCHECK).
+    Healthcheck(HealthcheckArgs),
 }
 
 /// Where the model runs.
@@ -107,9 +109,11 @@ pub enum SimdChoice {
 /// How to build the model: shared by every subcommand that runs it.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// Weights file (safetensors, the schema in weights/README.md).
-    #[arg(long, env = "RESNET_WEIGHTS", default_value = DEFAULT_WEIGHTS)]
-    pub weights: PathBuf,
+    /// Weights file (safetensors, the schema in weights/README.md). Default:
+    /// weights/resnet56.safetensors when that file exists, else the pretrained ResNet56 built
+    /// into the binary.
+    #[arg(long, env = "RESNET_WEIGHTS")]
+    pub weights: Option<PathBuf>,
 
     /// Device: auto, cpu, cuda or cuda:N (auto = CUDA when built with it and present).
     #[arg(long, env = "RESNET_DEVICE", default_value = "auto")]
@@ -189,8 +193,9 @@ pub struct ServeArgs {
     #[arg(long, env = "RESNET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// Never download weights: fail when the weights file is missing.
-    #[arg(long, env = "RESNET_OFFLINE", value_parser = clap::builder::BoolishValueParser::new())]
+    /// No effect: `serve` never downloads weights. Still accepted so that configurations
+    /// written for earlier versions start.
+    #[arg(long, env = "RESNET_OFFLINE", hide = true, value_parser = clap::builder::BoolishValueParser::new())]
     pub offline: bool,
 
     /// Require `Authorization: Bearer <key>` on every route but the health probes,
@@ -253,6 +258,10 @@ pub struct ConvertArgs {
     /// Normalisation preset (default: detected, see below).
     #[arg(long, value_enum, conflicts_with_all = ["mean", "std"])]
     pub preset: Option<crate::model::convert::NormalizationPreset>,
+    /// Provenance text stored as metadata and shown by `/v1/model` (default: `converted from
+    /// INPUT`): where the checkpoint came from, its authors and licence.
+    #[arg(long)]
+    pub source: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -307,6 +316,19 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct HealthcheckArgs {
+    /// Address of the server to check.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// Its port (`RESNET_PORT`, so it follows the server's configuration).
+    #[arg(long, env = "RESNET_PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// How long to wait for the answer.
+    #[arg(long, default_value_t = 2_000)]
+    pub timeout_ms: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,7 +344,7 @@ mod tests {
     fn no_subcommand_means_serve_with_defaults() {
         let args = serve_args(&["resnet-serve", "--port", "9000"]);
         assert_eq!(args.port, 9000);
-        assert_eq!(args.model.weights, PathBuf::from(DEFAULT_WEIGHTS));
+        assert_eq!(args.model.weights, None);
         assert!(!args.offline);
     }
 

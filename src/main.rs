@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{parser::ValueSource, CommandFactory, FromArgMatches};
+use clap::{CommandFactory, FromArgMatches};
 use resnet_serve::config::{Cli, Command, LogFormat, ServeArgs};
 
 fn main() -> ExitCode {
@@ -12,12 +12,6 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    // `serve` is also what runs without a subcommand, its flags then at the top level.
-    let serve_matches = matches.subcommand_matches("serve").unwrap_or(&matches);
-    let weights_explicit = !matches!(
-        serve_matches.value_source("weights"),
-        None | Some(ValueSource::DefaultValue)
-    );
     let command = cli.into_command();
     let log_format = match &command {
         Command::Serve(args) => args.log_format,
@@ -25,7 +19,7 @@ fn main() -> ExitCode {
     };
     init_tracing(log_format);
     let result = match &command {
-        Command::Serve(args) => serve(args, weights_explicit),
+        Command::Serve(args) => serve(args),
         Command::Eval(args) => resnet_serve::cli::eval::run(args),
         Command::Bench(args) => resnet_serve::cli::bench::run(args),
         Command::Convert(args) => resnet_serve::model::convert::run(args)
@@ -34,6 +28,7 @@ fn main() -> ExitCode {
         Command::FetchWeights(args) => resnet_serve::model::fetch::fetch_weights(args)
             .map(|_| ())
             .map_err(Into::into),
+        Command::Healthcheck(args) => resnet_serve::cli::healthcheck::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -57,8 +52,9 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-/// `serve`: weights (fetched on first run), model, listener, then the server until a signal.
-fn serve(args: &ServeArgs, weights_explicit: bool) -> anyhow::Result<()> {
+/// `serve`: model (from `--weights`, the default file, or the embedded weights), listener, then
+/// the server until a signal.
+fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     use resnet_serve::{http::types::ModelInfo, model::Model, server};
 
     let access = resnet_serve::http::auth::AccessConfig::from_args(args)?;
@@ -71,7 +67,9 @@ fn serve(args: &ServeArgs, weights_explicit: bool) -> anyhow::Result<()> {
     if access.metrics_require_auth && access.api_key.is_none() {
         tracing::warn!("--metrics-require-auth has no effect without --api-key or --api-key-file");
     }
-    server::ensure_weights(&args.model.weights, weights_explicit, args.offline)?;
+    if args.offline {
+        tracing::warn!("--offline (RESNET_OFFLINE) has no effect: serve never downloads weights");
+    }
     let model = Model::load(&args.model)?;
     let info = ModelInfo::from_model(&model);
     tracing::info!(
@@ -80,7 +78,10 @@ fn serve(args: &ServeArgs, weights_explicit: bool) -> anyhow::Result<()> {
         shortcut = %info.shortcut,
         device = %info.device,
         engine = %info.engine,
-        weights = %args.model.weights.display(),
+        weights = %info.weights.kind,
+        weights_path = info.weights.path.as_deref().unwrap_or("-"),
+        weights_sha256 = %info.weights.sha256,
+        source = info.source.as_deref().unwrap_or("-"),
         "model loaded"
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -1,8 +1,7 @@
-//! Running the service: its configuration, first-run weights, and [`run`], which serves on an
-//! already-bound listener until a shutdown future resolves, then drains.
+//! Running the service: its configuration and [`run`], which serves on an already-bound listener
+//! until a shutdown future resolves, then drains.
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +9,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::batcher::{BatchPolicy, Batcher, BatcherConfig, Classifier};
-use crate::config::{FetchArgs, ServeArgs};
+use crate::config::ServeArgs;
 use crate::connections::{self, ConnectionLimits};
 use crate::http::auth::AccessConfig;
 use crate::http::types::ModelInfo;
@@ -90,59 +89,6 @@ pub enum ServerError {
     WarmUp(String),
     #[error("serving HTTP: {0}")]
     Io(#[from] std::io::Error),
-}
-
-/// Why the weights for `serve` are not there.
-#[derive(Debug, thiserror::Error)]
-pub enum WeightsSetupError {
-    #[error(
-        "weights file {} does not exist and --offline (RESNET_OFFLINE) forbids downloading it; \
-         run `resnet-serve fetch-weights` where the network is reachable, or convert a \
-         checkpoint with `resnet-serve convert IN {}`, or pass --weights PATH",
-        path.display(),
-        path.display()
-    )]
-    Offline { path: PathBuf },
-    #[error("downloading the default weights to {}: {reason}", path.display())]
-    Fetch { path: PathBuf, reason: String },
-}
-
-/// First run: when the weights were left at their default path and that file is missing,
-/// fetch the default pretrained checkpoint there (as `fetch-weights` does), unless `offline`.
-/// An explicitly given path is never replaced: a missing one fails later, when it is loaded.
-pub fn ensure_weights(path: &Path, explicit: bool, offline: bool) -> Result<(), WeightsSetupError> {
-    if explicit || path.exists() {
-        return Ok(());
-    }
-    if offline {
-        return Err(WeightsSetupError::Offline { path: path.into() });
-    }
-    tracing::info!(
-        path = %path.display(),
-        "weights file missing: downloading the default pretrained ResNet56 (as `fetch-weights` does)"
-    );
-    fetch_default_weights(path)
-}
-
-/// `fetch-weights` with its defaults (and `RESNET_WEIGHTS_URL`), writing `output`.
-fn fetch_default_weights(output: &Path) -> Result<(), WeightsSetupError> {
-    use clap::{Args, FromArgMatches};
-    let fail = |reason: String| WeightsSetupError::Fetch {
-        path: output.into(),
-        reason,
-    };
-    let command = FetchArgs::augment_args(clap::Command::new("fetch-weights"));
-    let matches = command
-        .try_get_matches_from([
-            "fetch-weights".as_ref(),
-            "--output".as_ref(),
-            output.as_os_str(),
-        ])
-        .map_err(|e| fail(e.to_string()))?;
-    let args = FetchArgs::from_arg_matches(&matches).map_err(|e| fail(e.to_string()))?;
-    crate::model::fetch::fetch_weights(&args)
-        .map(|_| ())
-        .map_err(|e| fail(e.to_string()))
 }
 
 /// Serves the API on `listener` with `model` until `shutdown` resolves, then stops accepting,

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::path::Path;
@@ -13,19 +13,16 @@ use resnet_serve::model::convert::{convert_bytes, ConvertError, ConvertOptions};
 use resnet_serve::model::weights::{IMAGENET_MEAN, IMAGENET_STD, NOTEBOOK_MEAN, NOTEBOOK_STD};
 use resnet_serve::model::Checkpoint;
 
-type Tensors = BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+use common::Tensors;
 
 /// A safetensors file's tensors (name -> dtype, shape, bytes) and metadata.
 fn read_safetensors(path: &Path) -> (Tensors, HashMap<String, String>) {
     let bytes = std::fs::read(path).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let tensors = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
-        .collect();
-    (tensors, header.metadata().clone().unwrap_or_default())
+    (
+        common::tensors_of(&bytes),
+        header.metadata().clone().unwrap_or_default(),
+    )
 }
 
 fn convert_cli(args: &[&OsStr]) -> (bool, String) {

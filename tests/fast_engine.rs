@@ -21,7 +21,7 @@ const REFERENCE: &str = "reference/logits.safetensors";
 
 fn args(weights: &Path, engine: EngineChoice, simd: SimdChoice, threads: usize) -> ModelArgs {
     ModelArgs {
-        weights: weights.to_path_buf(),
+        weights: Some(weights.to_path_buf()),
         device: DeviceChoice::Cpu,
         engine,
         simd,
@@ -169,6 +169,7 @@ fn build(ckpt: &Checkpoint, engine: EngineChoice, simd: SimdChoice, threads: usi
         spec: ckpt.spec,
         metadata: ckpt.metadata.clone(),
         tensors: ckpt.tensors.clone(),
+        origin: ckpt.origin.clone(),
     };
     Model::from_checkpoint(copy, &args(Path::new("unused"), engine, simd, threads)).unwrap()
 }

@@ -102,6 +102,12 @@ fn verified_download_converts_to_weights_matching_pytorch() {
     assert_eq!(ckpt.metadata.std, IMAGENET_STD);
     assert_eq!(ckpt.metadata.name, "resnet56");
     assert_eq!(ckpt.metadata.source.as_deref(), Some(url.as_str()));
+    // What a download converts to is what the binary has built in.
+    common::assert_bitwise_equal(
+        "fetch-weights vs embedded",
+        &common::tensors_of(&std::fs::read(&output).unwrap()),
+        &common::embedded_tensors(),
+    );
 
     let Some(report) = common::eval_report(&output, "paper_logits", "candle") else {
         return;

@@ -1,11 +1,14 @@
 //! The `resnet-serve` binary as deployed: `serve` on an ephemeral port with JSON logs, graceful
-//! exit 0 on SIGTERM, and the first-run weights rules (`--offline`, explicit `--weights`).
+//! exit 0 on SIGTERM, and which weights it serves (embedded by default, a file at the default
+//! path, an explicit `--weights` that must exist).
 
 mod common;
 mod http_util;
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http_util::{client, solid_png};
@@ -112,30 +115,96 @@ fn serve_logs_json_answers_and_exits_0_on_sigterm() {
     );
 }
 
+/// With no `--weights` and no file at the default path, `serve` answers with the pretrained
+/// ResNet56 compiled into the binary (no download: there is no network here), says so in its log
+/// and `/v1/model`, and classifies a real CIFAR-10 cat as a cat. A file at the default path wins.
+#[cfg(unix)]
 #[test]
-fn offline_without_weights_fails_saying_how_to_get_them() {
+fn without_weights_it_serves_the_embedded_pretrained_model() {
+    use sha2::Digest;
+    let Some(cat) = common::shared_file("data/images/0000-cat.png") else {
+        return;
+    };
+    let committed =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/resnet56-4bfd9763.safetensors");
+    let committed_sha256: String = sha2::Sha256::digest(std::fs::read(&committed).unwrap())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let dir = tempfile::tempdir().unwrap();
-    let out = resnet_serve()
-        .current_dir(dir.path())
-        .args(["serve", "--offline", "--port", "0"])
-        .output()
+    // `--offline` is still accepted (configurations written for earlier versions set it).
+    let server = RunningServer::start_in(dir.path(), None, &["--offline"]).unwrap();
+    let http = client();
+    let model: Value = http
+        .get(format!("{}/v1/model", server.base))
+        .send()
+        .unwrap()
+        .json()
         .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("weights/resnet56.safetensors"), "{stderr}");
-    assert!(stderr.contains("--offline"), "{stderr}");
-    assert!(stderr.contains("resnet-serve fetch-weights"), "{stderr}");
-    assert!(!dir.path().join("weights").exists());
+    assert_eq!(model["weights"]["kind"], "embedded", "{model}");
+    assert_eq!(model["weights"]["path"], Value::Null, "{model}");
+    assert_eq!(
+        model["weights"]["sha256"],
+        committed_sha256.as_str(),
+        "{model}"
+    );
+    let source = model["source"].as_str().unwrap_or_default();
+    assert!(
+        source.contains("BSD-2-Clause") && source.contains("Idelbayev"),
+        "{model}"
+    );
+    assert_eq!(
+        model["mean"],
+        serde_json::json!([0.485, 0.456, 0.406]),
+        "{model}"
+    );
+    let answer: Value = http
+        .post(format!("{}/classify", server.base))
+        .header("content-type", "image/png")
+        .body(std::fs::read(&cat).unwrap())
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(answer["label"], "cat", "{answer}");
+    let logged = server.log_lines();
+    let loaded = logged
+        .iter()
+        .find(|l| l["fields"]["message"] == "model loaded")
+        .expect("a model loaded line");
+    assert_eq!(loaded["fields"]["weights"], "embedded", "{loaded}");
+    assert_eq!(
+        loaded["fields"]["weights_sha256"],
+        committed_sha256.as_str(),
+        "{loaded}"
+    );
+    assert!(
+        !dir.path().join("weights").exists(),
+        "nothing is written in the working directory"
+    );
+    drop(server);
 
-    // The same through the environment, and with no subcommand.
-    let out = resnet_serve()
-        .current_dir(dir.path())
-        .env("RESNET_OFFLINE", "1")
-        .args(["--port", "0"])
-        .output()
+    // A file at the default path is served instead.
+    let seed = common::shared_file("models/resnet56-seed-random.safetensors").unwrap();
+    std::fs::create_dir(dir.path().join("weights")).unwrap();
+    std::fs::copy(&seed, dir.path().join("weights/resnet56.safetensors")).unwrap();
+    let server = RunningServer::start_in(dir.path(), None, &[]).unwrap();
+    let model: Value = http
+        .get(format!("{}/v1/model", server.base))
+        .send()
+        .unwrap()
+        .json()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("resnet-serve fetch-weights"));
+    assert_eq!(model["weights"]["kind"], "file", "{model}");
+    assert_eq!(
+        model["weights"]["path"], "weights/resnet56.safetensors",
+        "{model}"
+    );
+    assert_ne!(
+        model["weights"]["sha256"],
+        committed_sha256.as_str(),
+        "{model}"
+    );
 }
 
 #[test]
@@ -174,6 +243,8 @@ fn an_explicit_missing_weights_file_is_an_error_not_a_download() {
 struct RunningServer {
     child: std::process::Child,
     base: String,
+    /// Every JSON log line so far.
+    logs: Arc<Mutex<Vec<Value>>>,
 }
 
 #[cfg(unix)]
@@ -181,18 +252,26 @@ impl RunningServer {
     /// Starts the binary with the seed-random weights and `extra` flags; waits until ready.
     fn start(extra: &[&str]) -> Option<Self> {
         let weights = common::shared_file("models/resnet56-seed-random.safetensors")?;
-        let mut child = resnet_serve()
-            .args([
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--log-format",
-                "json",
-            ])
-            .arg("--weights")
-            .arg(&weights)
+        Self::start_in(Path::new("."), Some(&weights), extra)
+    }
+
+    /// Starts the binary in `dir` with `--weights` when given and `extra` flags; waits until
+    /// ready.
+    fn start_in(dir: &Path, weights: Option<&Path>, extra: &[&str]) -> Option<Self> {
+        let mut command = resnet_serve();
+        command.current_dir(dir).args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--log-format",
+            "json",
+        ]);
+        if let Some(weights) = weights {
+            command.arg("--weights").arg(weights);
+        }
+        let mut child = command
             .args(extra)
             .env("RUST_LOG", "warn,resnet_serve=info")
             .stderr(Stdio::piped())
@@ -201,16 +280,20 @@ impl RunningServer {
             .unwrap();
         let stderr = child.stderr.take().unwrap();
         let (address_tx, address_rx) = std::sync::mpsc::channel::<String>();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let log_sink = logs.clone();
         // Keeps draining the log so the server never blocks on a full pipe.
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Ok(entry) = serde_json::from_str::<Value>(&line) {
                     if entry["fields"]["message"] == "listening" {
-                        let _ = address_tx.send(entry["fields"]["address"].as_str()?.to_owned());
+                        if let Some(address) = entry["fields"]["address"].as_str() {
+                            let _ = address_tx.send(address.to_owned());
+                        }
                     }
+                    log_sink.lock().unwrap().push(entry);
                 }
             }
-            Some(())
         });
         let address = address_rx
             .recv_timeout(Duration::from_secs(60))
@@ -218,6 +301,7 @@ impl RunningServer {
         let server = Self {
             child,
             base: format!("http://{address}"),
+            logs,
         };
         let http = client();
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -230,6 +314,11 @@ impl RunningServer {
             std::thread::sleep(Duration::from_millis(20));
         }
         Some(server)
+    }
+
+    /// The JSON log lines written so far.
+    fn log_lines(&self) -> Vec<Value> {
+        self.logs.lock().unwrap().clone()
     }
 
     fn address(&self) -> &str {

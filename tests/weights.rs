@@ -250,7 +250,7 @@ fn other_depths_and_class_counts_load_and_run() {
     assert_eq!((ckpt.spec.depth(), ckpt.spec.num_classes), (20, 100));
     assert_eq!(ckpt.metadata.labels[99], "class_99");
     let args = ModelArgs {
-        weights: path.clone(),
+        weights: Some(path.clone()),
         device: DeviceChoice::Cpu,
         engine: EngineChoice::Candle,
         simd: SimdChoice::Auto,

@@ -1,4 +1,6 @@
-//! The offline subcommands: `eval` (accuracy and parity) and `bench` (throughput).
+//! Subcommands besides `serve`: `eval` (accuracy and parity), `bench` (throughput) and
+//! `healthcheck` (the container image's liveness check).
 
 pub mod bench;
 pub mod eval;
+pub mod healthcheck;

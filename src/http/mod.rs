@@ -239,6 +239,11 @@ mod tests {
             device: "cpu".into(),
             engine: "none".into(),
             source: None,
+            weights: crate::model::WeightsOrigin {
+                kind: "file".into(),
+                path: None,
+                sha256: String::new(),
+            },
         }
     }
 

@@ -161,6 +161,8 @@ pub struct ModelInfo {
     pub engine: String,
     /// Provenance from the weights file, if any.
     pub source: Option<String>,
+    /// Which weights are served: `embedded` or a file (with its path), and their sha256.
+    pub weights: crate::model::WeightsOrigin,
 }
 
 impl ModelInfo {
@@ -181,6 +183,7 @@ impl ModelInfo {
             device: crate::model::device_name(model.device()),
             engine: model.engine_name(),
             source: meta.source.clone(),
+            weights: model.weights.clone(),
         }
     }
 

@@ -147,7 +147,7 @@ impl ConvertOptions {
             normalization,
             labels,
             name: args.name.clone(),
-            source: None,
+            source: args.source.clone(),
         })
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod candle;
 pub mod convert;
+pub mod embedded;
 pub mod fast;
 pub mod fetch;
 pub mod pytorch;
@@ -14,7 +15,7 @@ use candle_core::{Device, Module, Tensor};
 
 use crate::config::{DeviceChoice, EngineChoice, ModelArgs};
 pub use spec::{ModelSpec, Shortcut, INPUT_CHANNELS, INPUT_SIZE};
-pub use weights::{Checkpoint, ModelMetadata, WeightsError};
+pub use weights::{Checkpoint, ModelMetadata, WeightsError, WeightsOrigin, WeightsSource};
 
 /// Floats in one preprocessed image, `[3, 32, 32]`.
 pub const IMAGE_FLOATS: usize = INPUT_CHANNELS * INPUT_SIZE * INPUT_SIZE;
@@ -56,6 +57,8 @@ enum Engine {
 pub struct Model {
     pub spec: ModelSpec,
     pub metadata: ModelMetadata,
+    /// Which weights were loaded: embedded or a file, and their sha256.
+    pub weights: WeightsOrigin,
     device: Device,
     engine: Engine,
 }
@@ -95,9 +98,11 @@ pub fn device_name(device: &Device) -> String {
 }
 
 impl Model {
-    /// Loads the weights file and builds the engine the arguments ask for.
+    /// Loads the weights the arguments name (or the default ones, see
+    /// [`WeightsSource::resolve`]) and builds the engine they ask for.
     pub fn load(args: &ModelArgs) -> Result<Self, ModelError> {
-        let checkpoint = Checkpoint::load(&args.weights)?;
+        let source = WeightsSource::resolve(args.weights.as_deref())?;
+        let checkpoint = Checkpoint::load_source(&source)?;
         Self::from_checkpoint(checkpoint, args)
     }
 
@@ -108,6 +113,7 @@ impl Model {
             spec,
             metadata,
             tensors,
+            origin,
         } = checkpoint;
         let on_cpu = device.is_cpu();
         let engine = match args.engine {
@@ -128,6 +134,7 @@ impl Model {
         Ok(Self {
             spec,
             metadata,
+            weights: origin,
             device,
             engine,
         })

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use safetensors::SafeTensors;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use super::spec::{ModelSpec, Shortcut};
 
@@ -79,6 +80,14 @@ pub enum WeightsError {
         key: String,
         reason: String,
     },
+    #[error(
+        "no weights: {} does not exist and this build has no embedded model (cargo feature \
+         `embedded-weights`); run `resnet-serve fetch-weights`, convert a checkpoint with \
+         `resnet-serve convert IN {}`, or pass --weights PATH",
+        default.display(),
+        default.display()
+    )]
+    NoWeights { default: PathBuf },
     #[error("{path}: tensor {name}: {source}")]
     Tensor {
         path: PathBuf,
@@ -98,15 +107,86 @@ pub struct ModelMetadata {
     pub source: Option<String>,
 }
 
-/// A validated weights file: its architecture, metadata, and tensors (f32, on the CPU).
+/// The weights file used when `--weights` is not given.
+pub const DEFAULT_WEIGHTS_PATH: &str = "weights/resnet56.safetensors";
+
+/// Where a model's weights come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightsSource {
+    File(PathBuf),
+    /// The pretrained ResNet56 compiled into the binary (see [`super::embedded`]).
+    Embedded,
+}
+
+impl WeightsSource {
+    /// An explicitly given path is used as it is (a missing file is an error when loaded).
+    /// Without one: the file at [`DEFAULT_WEIGHTS_PATH`] when there is one, else the embedded
+    /// model; a build without it then has no weights to offer, and says how to get some.
+    pub fn resolve(explicit: Option<&Path>) -> Result<Self, WeightsError> {
+        if let Some(path) = explicit {
+            return Ok(Self::File(path.to_path_buf()));
+        }
+        let default = Path::new(DEFAULT_WEIGHTS_PATH);
+        if default.exists() {
+            Ok(Self::File(default.to_path_buf()))
+        } else if super::embedded::bytes().is_some() {
+            Ok(Self::Embedded)
+        } else {
+            Err(WeightsError::NoWeights {
+                default: default.to_path_buf(),
+            })
+        }
+    }
+}
+
+/// Which weights a model was built from, as `/v1/model` and the startup log report them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WeightsOrigin {
+    /// `embedded` (compiled into the binary) or `file`.
+    pub kind: String,
+    /// The file's path as given, for `file`.
+    pub path: Option<String>,
+    /// Lower-case hex sha256 of the safetensors bytes.
+    pub sha256: String,
+}
+
+impl WeightsOrigin {
+    fn new(kind: &str, path: Option<&Path>, bytes: &[u8]) -> Self {
+        let digest = Sha256::digest(bytes);
+        Self {
+            kind: kind.into(),
+            path: path.map(|p| p.display().to_string()),
+            sha256: digest.iter().map(|b| format!("{b:02x}")).collect(),
+        }
+    }
+}
+
+/// A validated weights file: its architecture, metadata, tensors (f32, on the CPU) and origin.
 #[derive(Debug)]
 pub struct Checkpoint {
     pub spec: ModelSpec,
     pub metadata: ModelMetadata,
     pub tensors: HashMap<String, Tensor>,
+    pub origin: WeightsOrigin,
 }
 
 impl Checkpoint {
+    /// Loads the weights `source` names.
+    pub fn load_source(source: &WeightsSource) -> Result<Self, WeightsError> {
+        match source {
+            WeightsSource::File(path) => Self::load(path),
+            WeightsSource::Embedded => {
+                let label = Path::new(super::embedded::EMBEDDED_LABEL);
+                let bytes = super::embedded::bytes().ok_or_else(|| WeightsError::NoWeights {
+                    default: PathBuf::from(DEFAULT_WEIGHTS_PATH),
+                })?;
+                let mut checkpoint = Self::from_bytes(label, bytes)?;
+                checkpoint.origin = WeightsOrigin::new("embedded", None, bytes);
+                Ok(checkpoint)
+            }
+        }
+    }
+
     /// Memory-maps, validates and loads `path`.
     pub fn load(path: &Path) -> Result<Self, WeightsError> {
         let io = |source| WeightsError::Io {
@@ -182,6 +262,7 @@ impl Checkpoint {
             spec,
             metadata,
             tensors,
+            origin: WeightsOrigin::new("file", Some(path), bytes),
         })
     }
 }

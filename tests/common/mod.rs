@@ -1,7 +1,39 @@
 //! Test helpers shared by the integration tests: where the shared reference data lives.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+/// A safetensors file's tensors: name -> (dtype, shape, raw little-endian bytes).
+pub type Tensors = BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+
+/// The tensors of a safetensors file held in memory.
+pub fn tensors_of(bytes: &[u8]) -> Tensors {
+    let st = safetensors::SafeTensors::deserialize(bytes).expect("a valid safetensors file");
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
+        .collect()
+}
+
+/// Asserts two tensor sets are bitwise identical: same names, dtypes, shapes and bytes.
+pub fn assert_bitwise_equal(what: &str, a: &Tensors, b: &Tensors) {
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "{what}: different tensor names"
+    );
+    for (name, (dtype, shape, data)) in a {
+        let (other_dtype, other_shape, other_data) = &b[name];
+        assert_eq!((dtype, shape), (other_dtype, other_shape), "{what}: {name}");
+        assert!(data == other_data, "{what}: {name} differs");
+    }
+}
+
+/// The tensors of the weights compiled into the binary (the `embedded-weights` feature).
+pub fn embedded_tensors() -> Tensors {
+    tensors_of(resnet_serve::model::embedded::bytes().expect("built with embedded-weights"))
+}
 
 /// The shared reference data directory (`RESNET_SHARED_DIR`, default `../shared`), or `None`
 /// after a loud SKIPPED line when it is absent. With `REQUIRE_SHARED_DATA=1` absence fails the test.

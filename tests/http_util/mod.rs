@@ -280,6 +280,11 @@ pub fn fake_info(classes: usize) -> ModelInfo {
         device: "cpu".into(),
         engine: "fake".into(),
         source: None,
+        weights: resnet_serve::model::WeightsOrigin {
+            kind: "file".into(),
+            path: None,
+            sha256: String::new(),
+        },
     }
 }
 
@@ -292,7 +297,7 @@ pub fn seed_model() -> Option<(Model, ModelInfo)> {
 
 pub fn weights_model(weights: std::path::PathBuf) -> Option<(Model, ModelInfo)> {
     let model = Model::load(&ModelArgs {
-        weights,
+        weights: Some(weights),
         device: DeviceChoice::Cpu,
         engine: EngineChoice::Auto,
         simd: SimdChoice::Auto,

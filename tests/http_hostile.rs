@@ -120,6 +120,29 @@ fn text_body() {
     );
 }
 
+/// `curl --data-binary @cat.png URL` labels the bytes `application/x-www-form-urlencoded`:
+/// an image is classified as sent raw; a real form is not an image format.
+#[test]
+fn curl_default_content_type() {
+    let Some(f) = fixture() else { return };
+    let r = f
+        .post("/classify?logits=true")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(f.png.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().unwrap();
+    assert_eq!(body["class_index"], argmax(&f.reference), "{body}");
+    f.expect_error(
+        f.post("/classify")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body("label=cat&top_k=3"),
+        415,
+        "unsupported_media_type",
+    );
+}
+
 #[test]
 fn truncated_jpeg() {
     let Some(f) = fixture() else { return };

@@ -194,7 +194,10 @@ enum BodyKind {
     Multipart,
 }
 
-/// Raw image bytes (`image/*`, `application/octet-stream`, or no Content-Type) or multipart.
+/// Raw image bytes (`image/*`, `application/octet-stream`, no Content-Type, or
+/// `application/x-www-form-urlencoded`, which `curl --data-binary @cat.png` sends unless told
+/// otherwise: the bytes decide, and a real form is refused as an unknown image format) or
+/// multipart.
 fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
         return Ok(BodyKind::Raw);
@@ -208,7 +211,10 @@ fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
         .to_ascii_lowercase();
     if essence == "multipart/form-data" {
         Ok(BodyKind::Multipart)
-    } else if essence.starts_with("image/") || essence == "application/octet-stream" {
+    } else if essence.starts_with("image/")
+        || essence == "application/octet-stream"
+        || essence == "application/x-www-form-urlencoded"
+    {
         Ok(BodyKind::Raw)
     } else {
         Err(ApiError::UnsupportedMediaType(format!(

@@ -156,8 +156,9 @@ pub struct ServeArgs {
     #[arg(long, env = "RESNET_MAX_BATCH_SIZE", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_batch_size: u32,
 
-    /// How long the batcher waits for more images after the first one of a batch.
-    #[arg(long, env = "RESNET_MAX_BATCH_DELAY_MS", default_value_t = 2)]
+    /// Extra wait to fill a batch, from when its oldest image was queued (as Triton's
+    /// max_queue_delay). 0: a batch is whatever is queued when the model is free, no waiting.
+    #[arg(long, env = "RESNET_MAX_BATCH_DELAY_MS", default_value_t = 0)]
     pub max_batch_delay_ms: u64,
 
     /// Images that may wait in the queue; beyond that requests get 429.

@@ -39,7 +39,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             max_batch_size: 64,
-            max_batch_delay: Duration::from_millis(2),
+            max_batch_delay: Duration::ZERO,
             queue_capacity: 1024,
             request_timeout: Duration::from_millis(10_000),
             max_body_bytes: 20 * 1024 * 1024,

@@ -10,7 +10,9 @@ use tokio::time::Instant;
 pub struct BatchPolicy {
     /// Most images in one forward pass (an entry larger than this still runs, alone).
     pub max_batch_size: usize,
-    /// How long after the oldest entry of a batch entered the queue the batch may wait for more.
+    /// An optional wait to fill a batch that is not full, counted from when its oldest entry
+    /// entered the queue (Triton's `max_queue_delay_microseconds`). Zero, the default: a batch is
+    /// whatever is queued when the model is free, and no timer is ever set.
     pub max_delay: Duration,
 }
 
@@ -25,14 +27,25 @@ pub trait Queued: Sized {
     fn still_wanted(self, now: Instant) -> Option<Self>;
 }
 
-/// Takes batches off the queue: the oldest live entry, then whatever else arrives until the
-/// batch is full or `max_delay` after that entry was queued.
+/// Takes batches off the queue, continuously: called when the model is free, it waits for the
+/// oldest live entry, then takes everything already queued behind it, up to a full batch. While
+/// the model computes, the queue fills, so batches grow with load and a lone request never waits
+/// for company. With a `max_delay`, a batch that is not full then waits for more entries until
+/// `max_delay` after its oldest entry was queued.
 #[derive(Debug)]
 pub struct Collector<T> {
     queue: mpsc::Receiver<T>,
     policy: BatchPolicy,
     /// An entry that did not fit in the previous batch: it opens the next one.
     held: Option<T>,
+}
+
+/// Where filling a batch stopped.
+enum Filled {
+    /// Full, or an entry that does not fit is held for the next batch.
+    Full,
+    /// Nothing more is queued right now (or the queue is closed).
+    Drained,
 }
 
 impl<T: Queued> Collector<T> {
@@ -58,24 +71,44 @@ impl<T: Queued> Collector<T> {
         let close_at = saturating_add(first.enqueued_at(), self.policy.max_delay);
         let mut images = first.images();
         let mut batch = vec![first];
-        while images < self.policy.max_batch_size {
-            // `timeout_at` polls the queue before the clock: entries already waiting are taken
-            // even when the deadline has passed.
-            let entry = match tokio::time::timeout_at(close_at, self.queue.recv()).await {
-                Ok(Some(entry)) => entry,
-                Ok(None) | Err(_) => break,
-            };
-            let Some(entry) = entry.still_wanted(Instant::now()) else {
-                continue;
-            };
-            if images + entry.images() > self.policy.max_batch_size {
-                self.held = Some(entry);
-                break;
+        // Everything queued at this instant, without waiting.
+        while let Ok(entry) = self.queue.try_recv() {
+            if let Filled::Full = self.add(&mut batch, &mut images, entry) {
+                return Some(batch);
             }
-            images += entry.images();
-            batch.push(entry);
+        }
+        // The optional wait for more; only then is there a timer.
+        if !self.policy.max_delay.is_zero() {
+            while images < self.policy.max_batch_size && Instant::now() < close_at {
+                let entry = match tokio::time::timeout_at(close_at, self.queue.recv()).await {
+                    Ok(Some(entry)) => entry,
+                    Ok(None) | Err(_) => break,
+                };
+                if let Filled::Full = self.add(&mut batch, &mut images, entry) {
+                    break;
+                }
+            }
         }
         Some(batch)
+    }
+
+    /// Adds `entry` to `batch` if it is still wanted and fits; holds it for the next batch if
+    /// it does not fit.
+    fn add(&mut self, batch: &mut Vec<T>, images: &mut usize, entry: T) -> Filled {
+        let Some(entry) = entry.still_wanted(Instant::now()) else {
+            return Filled::Drained;
+        };
+        if *images + entry.images() > self.policy.max_batch_size {
+            self.held = Some(entry);
+            return Filled::Full;
+        }
+        *images += entry.images();
+        batch.push(entry);
+        if *images >= self.policy.max_batch_size {
+            Filled::Full
+        } else {
+            Filled::Drained
+        }
     }
 }
 
@@ -129,6 +162,31 @@ mod tests {
 
     fn ids(batch: &[Item]) -> Vec<u32> {
         batch.iter().map(|i| i.id).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_delay_a_lone_entry_goes_at_once() {
+        let (tx, mut collector) = setup(8, 0);
+        let start = Instant::now();
+        tx.send(item(1, 1)).await.unwrap();
+        let batch = collector.next_batch().await.unwrap();
+        assert_eq!(ids(&batch), [1]);
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_delay_a_batch_is_everything_queued_and_later_entries_wait_for_the_next() {
+        let (tx, mut collector) = setup(8, 0);
+        for id in 1..=3 {
+            tx.send(item(id, 1)).await.unwrap();
+        }
+        assert_eq!(ids(&collector.next_batch().await.unwrap()), [1, 2, 3]);
+        // Arrivals while the model computed make up the next batch.
+        tx.send(item(4, 2)).await.unwrap();
+        tx.send(item(5, 1)).await.unwrap();
+        let start = Instant::now();
+        assert_eq!(ids(&collector.next_batch().await.unwrap()), [4, 5]);
+        assert_eq!(start.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,53 +1,45 @@
 # syntax=docker/dockerfile:1
-# resnet-serve, CPU image: a cached Rust build stage and a slim Debian runtime.
+# resnet-serve, CPU image: a Rust build stage and a slim Debian runtime holding one stripped
+# binary, with the pretrained ResNet56 compiled in (no weights file, no download, no curl).
 #
 #   docker build -t resnet-serve:0.1.0 .
-#   docker build --build-arg FETCH_WEIGHTS=1 -t resnet-serve:0.1.0-weights .   # weights baked in
+#   docker run --rm -p 8080:8080 resnet-serve:0.1.0
+#   docker build --target debug-symbols --output type=local,dest=symbols .   # the debug info
 #
-# The binary is built with `cargo build --release --locked` and default features: the release
-# profile and lockfile CI tests with. deploy/README.md has the run commands and weights options.
+# The build stage is the same in Dockerfile.cuda but for the base image and CARGO_FEATURES:
+# `cargo build --release --locked`, the release profile and lockfile CI tests with.
+# scripts/test-image.sh builds and runs this file as it is.
 
 ARG RUST_VERSION=1.95.0
 ARG DEBIAN_RELEASE=bookworm
 
 FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
 WORKDIR /src
-
-# Dependencies first, against a dummy crate: this layer is rebuilt only when Cargo.toml or
-# Cargo.lock change, not on every source edit.
-COPY Cargo.toml Cargo.lock ./
-RUN mkdir src \
- && echo 'fn main() {}' > src/main.rs \
- && touch src/lib.rs \
- && cargo build --release --locked \
- && rm -rf src target/release/resnet-serve* target/release/libresnet_serve* \
-           target/release/.fingerprint/resnet-serve-* \
-           target/release/deps/resnet_serve-* target/release/deps/libresnet_serve-*
-
-# The real sources (.dockerignore keeps target/, .git, weights and deploy files out).
 COPY . .
-RUN cargo build --release --locked \
- && install -D -m 0755 target/release/resnet-serve /out/resnet-serve
+# Cargo features on top of the defaults (Dockerfile.cuda: cuda,cudnn).
+ARG CARGO_FEATURES=""
+# The registry and target directories are cache mounts: a rebuild after a source edit compiles
+# only the crate. The binary ships stripped; its debug info (line tables: crash backtraces with
+# file and line) is split into resnet-serve.debug, linked by build id and debuglink, and kept in
+# the debug-symbols stage.
+RUN --mount=type=cache,id=resnet-serve-cargo-registry,target=/usr/local/cargo/registry \
+    --mount=type=cache,id=resnet-serve-target,target=/src/target \
+    cargo build --release --locked --features "${CARGO_FEATURES}" \
+ && mkdir -p /out \
+ && objcopy --only-keep-debug target/release/resnet-serve /out/resnet-serve.debug \
+ && objcopy --strip-all --add-gnu-debuglink=/out/resnet-serve.debug \
+            target/release/resnet-serve /out/resnet-serve \
+ && /out/resnet-serve --version
 
-# Optional: fetch and convert the pretrained ResNet56 now (needs network at build time), so the
-# image serves without downloading anything. Declared after the build so toggling it reuses the
-# compiled binary.
-ARG FETCH_WEIGHTS=0
-RUN mkdir -p /out/weights \
- && if [ "$FETCH_WEIGHTS" = "1" ]; then \
-      /out/resnet-serve fetch-weights --output /out/weights/resnet56.safetensors; \
-    fi
+# Debug info for the shipped binary, e.g. for gdb: put the file under /usr/lib/debug/ with
+# the binary's path (gdb finds it there by build id or debuglink).
+FROM scratch AS debug-symbols
+COPY --from=build /out/resnet-serve.debug /usr/lib/debug/usr/local/bin/resnet-serve.debug
 
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime
 LABEL org.opencontainers.image.title="resnet-serve" \
       org.opencontainers.image.description="HTTP inference service for CIFAR ResNets (ResNet56), CPU build" \
-      org.opencontainers.image.licenses="MIT OR Apache-2.0"
-
-# ca-certificates for the first-run weights download; curl for HEALTHCHECK (the binary has no
-# self-check subcommand).
-RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates curl \
- && rm -rf /var/lib/apt/lists/*
+      org.opencontainers.image.licenses="MIT OR Apache-2.0 AND BSD-2-Clause"
 
 RUN groupadd --system --gid 10001 resnet \
  && useradd --system --uid 10001 --gid resnet --home-dir /app --no-create-home \
@@ -55,13 +47,12 @@ RUN groupadd --system --gid 10001 resnet \
  && install -d -o 10001 -g 10001 /app /app/weights
 
 COPY --from=build /out/resnet-serve /usr/local/bin/resnet-serve
-# Empty unless built with FETCH_WEIGHTS=1. /app/weights/resnet56.safetensors is the default
-# weights path (relative to WORKDIR), so a baked file is used with no configuration; without one,
-# `serve` downloads it there on first start (writable by the service user) unless
-# RESNET_OFFLINE=true.
-COPY --from=build --chown=10001:10001 /out/weights/ /app/weights/
+# The embedded model's licence (BSD-2-Clause) travels with the binary.
+COPY weights/LICENSE-resnet56-4bfd9763.txt /usr/share/doc/resnet-serve/
 
 WORKDIR /app
+# Weights: the embedded pretrained ResNet56 unless /app/weights/resnet56.safetensors exists (a
+# mounted file) or RESNET_WEIGHTS names one.
 ENV RESNET_HOST=0.0.0.0 \
     RESNET_PORT=8080 \
     RESNET_DEVICE=cpu \
@@ -69,10 +60,9 @@ ENV RESNET_HOST=0.0.0.0 \
 
 USER 10001:10001
 EXPOSE 8080
-# Liveness only: readiness (/health/ready) is the orchestrator's business. The start period
-# covers a first-run weights download.
-HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
-  CMD ["/bin/sh", "-c", "curl -fsS -o /dev/null \"http://127.0.0.1:${RESNET_PORT}/health/live\" || exit 1"]
+# Liveness only: readiness (/health/ready) is the orchestrator's business.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+  CMD ["resnet-serve", "healthcheck"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["resnet-serve"]
 CMD ["serve"]

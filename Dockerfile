@@ -13,6 +13,11 @@ ARG DEBIAN_RELEASE=bookworm
 FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
 WORKDIR /src
 
+# cmake and nasm build libjpeg-turbo from source (the JPEG decoder, see src/preprocess/jpeg/).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends cmake nasm \
+ && rm -rf /var/lib/apt/lists/*
+
 # Dependencies first, against a dummy crate: this layer is rebuilt only when Cargo.toml or
 # Cargo.lock change, not on every source edit.
 COPY Cargo.toml Cargo.lock ./

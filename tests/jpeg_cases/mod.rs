@@ -189,6 +189,12 @@ fn refusal_agrees(pillow: &str, ours: &PreprocessError) -> Result<(), String> {
         PreprocessError::Truncated(_) if pillow.contains("cannot identify") => {}
         other => return Err(format!("refused as {other:?}, Pillow: {pillow}")),
     }
+    if truncated && !ours.to_string().contains("image file is truncated") {
+        return Err(format!(
+            "message {:?} does not say truncated, Pillow: {pillow}",
+            ours.to_string()
+        ));
+    }
     if let Some(detail) = pillow.strip_prefix("OSError: image file is truncated") {
         let ours = ours.to_string();
         if !ours.contains(&format!("image file is truncated{detail}")) {

@@ -34,7 +34,9 @@ pub enum HeaderError {
 impl fmt::Display for HeaderError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Truncated(what) => write!(f, "the data ends inside {what}"),
+            Self::Truncated(what) => {
+                write!(f, "image file is truncated (the data ends inside {what})")
+            }
             Self::Invalid(why) => f.write_str(why),
         }
     }
@@ -342,12 +344,21 @@ mod tests {
     fn cuts_inside_the_header_are_truncations() {
         let full = minimal(10, 10, 3);
         for cut in 3..full.len() - 1 {
+            // Inside a segment: a truncation; between two: opened, with nothing to decode.
             let result = parse(&full[..cut]);
             assert!(
-                matches!(result, Err(HeaderError::Truncated(_))),
+                matches!(
+                    result,
+                    Err(HeaderError::Truncated(_))
+                        | Ok(Header {
+                            has_scan: false,
+                            ..
+                        })
+                ),
                 "cut at {cut}: {result:?}"
             );
         }
+        assert!(parse(&full[..21]).is_ok_and(|h| !h.has_scan));
         // Cut right after the scan header: opened, the decoder finds the data missing.
         assert!(parse(&full).is_ok());
     }

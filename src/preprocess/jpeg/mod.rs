@@ -33,7 +33,7 @@ pub fn decode_rgb8(
     if !header.has_scan {
         // Pillow: "cannot load this image", LOAD_TRUNCATED_IMAGES or not.
         return Err(PreprocessError::Truncated(
-            "JPEG: the file ends before its image data".into(),
+            "JPEG: image file is truncated (the data ends before the image data)".into(),
         ));
     }
     let decoded = libjpeg::decode(bytes, header, load_truncated);
@@ -67,17 +67,26 @@ pub fn decode_rgb8(
 
 /// Pillow's `.convert("RGB")` from "L" (replicated), "RGB" (as is) or "CMYK" (`cmyk2rgb`).
 fn to_rgb(pixels: Vec<u8>, components: u8) -> Vec<u8> {
+    let mut rgb = Vec::new();
     match components {
-        1 => pixels.iter().flat_map(|&v| [v; 3]).collect(),
-        4 => pixels
-            .chunks_exact(4)
-            .flat_map(|p| {
+        1 => {
+            rgb.reserve_exact(pixels.len() * 3);
+            for &v in &pixels {
+                rgb.extend_from_slice(&[v; 3]);
+            }
+        }
+        4 => {
+            rgb.reserve_exact(pixels.len() / 4 * 3);
+            for p in pixels.chunks_exact(4) {
                 let nk = 255 - i32::from(p[3]);
-                [p[0], p[1], p[2]].map(|c| clip8(nk - muldiv255(i32::from(c), nk)))
-            })
-            .collect(),
-        _ => pixels,
+                rgb.extend_from_slice(
+                    &[p[0], p[1], p[2]].map(|c| clip8(nk - muldiv255(i32::from(c), nk))),
+                );
+            }
+        }
+        _ => return pixels,
     }
+    rgb
 }
 
 /// Pillow's `MULDIV255`: a * b / 255, rounded, in integers.

@@ -218,7 +218,7 @@ fn frame_header<'a>(s: &'a [u8], state: &mut State<'a>) -> Result<(), HeaderErro
         state.icc.clear();
     }
     // Component entries come in threes; a partial one is an index error.
-    if (s.len() - 6) % 3 != 0 {
+    if !(s.len() - 6).is_multiple_of(3) {
         return Err(invalid("the frame header ends inside a component"));
     }
     Ok(())

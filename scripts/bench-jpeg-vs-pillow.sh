@@ -10,27 +10,31 @@
 #   scripts/bench-jpeg-vs-pillow.sh [RUNS]
 #
 # Environment: BINARY (default target/release/resnet-serve, built when missing),
-# RESNET_SHARED_DIR (default ../shared), BENCH_JPEG_VENV (default target/bench-jpeg-venv: torch,
-# torchvision and Pillow from PyPI, pinned below, created once and reused; several GiB).
+# RESNET_SHARED_DIR (default ../shared), BENCH_JPEG_VENV (an existing venv with torch,
+# torchvision and Pillow, used as it is; by default target/bench-jpeg-venv is made with the
+# versions pinned below, the Pillow a new torchvision install brings, and reused; several GiB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUNS=${1:-15}
-PINS=(torch==2.15.0 torchvision==0.29.2 pillow==12.3.0 numpy)
+PINS=(torch==2.15.0 torchvision==0.29.2 pillow==13.0.0 numpy)
 shared=${RESNET_SHARED_DIR:-$(cd .. && pwd)/shared}
 weights="$shared/models/resnet56-seed-random.safetensors"
-venv=${BENCH_JPEG_VENV:-target/bench-jpeg-venv}
+venv=${BENCH_JPEG_VENV:-}
 image=target/bench-jpeg/12mp.jpg
 if [[ ! -f "$weights" ]]; then
     echo "bench-jpeg-vs-pillow: $weights not found (set RESNET_SHARED_DIR)" >&2
     exit 1
 fi
 
-if [[ ! -x "$venv/bin/python" || "$(cat "$venv/.pins" 2>/dev/null)" != "${PINS[*]}" ]]; then
-    rm -rf "$venv"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "${PINS[@]}"
-    echo "${PINS[*]}" > "$venv/.pins"
+if [[ -z "$venv" ]]; then
+    venv=target/bench-jpeg-venv
+    if [[ ! -x "$venv/bin/python" || "$(cat "$venv/.pins" 2>/dev/null)" != "${PINS[*]}" ]]; then
+        rm -rf "$venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check "${PINS[@]}"
+        echo "${PINS[*]}" > "$venv/.pins"
+    fi
 fi
 
 bin=${BINARY:-target/release/resnet-serve}

@@ -15,6 +15,10 @@ ARG DEBIAN_RELEASE=bookworm
 
 FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
 WORKDIR /src
+# cmake and nasm build libjpeg-turbo from source (the JPEG decoder, see src/preprocess/jpeg/).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends cmake nasm \
+ && rm -rf /var/lib/apt/lists/*
 COPY . .
 # Cargo features on top of the defaults (Dockerfile.cuda: cuda,cudnn).
 ARG CARGO_FEATURES=""

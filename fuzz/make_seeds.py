@@ -69,6 +69,27 @@ def images():
     image("rgba-deflate-2x3.tif", pattern("RGBA", (2, 3)), "TIFF", compression="tiff_adobe_deflate")
 
 
+def jpegs():
+    """Seeds of the `jpeg` target: JPEG files of every structure, without the three signature
+    bytes the target puts back."""
+    def jpeg(name, im, **options):
+        out = io.BytesIO()
+        im.save(out, "JPEG", **options)
+        write("jpeg", name, out.getvalue()[3:])
+
+    jpeg("ycc444-8x8.jpg", pattern("RGB", (8, 8)), quality=60, subsampling=0)
+    jpeg("ycc422-17x9.jpg", pattern("RGB", (17, 9)), quality=60, subsampling=1)
+    jpeg("ycc420-18x17.jpg", pattern("RGB", (18, 17)), quality=60, subsampling=2)
+    jpeg("progressive-16x16.jpg", pattern("RGB", (16, 16)), quality=60, progressive=True)
+    jpeg("restart-optimized-24x8.jpg", pattern("RGB", (24, 8)), quality=60, optimize=True,
+         restart_marker_blocks=1)
+    jpeg("rgb-adobe-4x4.jpg", pattern("RGB", (4, 4)), quality=60, keep_rgb=True)
+    jpeg("gray-progressive-restart-9x7.jpg", pattern("L", (9, 7)), quality=60, progressive=True,
+         restart_marker_rows=1)
+    jpeg("cmyk-progressive-5x5.jpg", pattern("CMYK", (5, 5)), quality=60, progressive=True)
+    jpeg("1x1.jpg", pattern("RGB", (1, 1)), quality=60)
+
+
 # --- weights (safetensors headers) --------------------------------------------------------
 
 DTYPE_SIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8}
@@ -254,5 +275,6 @@ def checkpoints():
 
 if __name__ == "__main__":
     images()
+    jpegs()
     weights()
     checkpoints()

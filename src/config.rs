@@ -46,6 +46,8 @@ pub enum Command {
     Bench(BenchArgs),
     /// Exit 0 when a local server answers `/health/live` (the container image's HEALTHCHECK).
     Healthcheck(HealthcheckArgs),
+    /// Write the exact model input (normalised float32 [3,32,32]) of image files as safetensors.
+    Preprocess(PreprocessArgs),
 }
 
 /// Where the model runs.
@@ -176,6 +178,12 @@ pub struct ServeArgs {
     /// Largest image (width x height, as its header declares) that is decoded.
     #[arg(long, env = "RESNET_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
     pub max_image_pixels: u64,
+
+    /// Decode a truncated or damaged JPEG as far as it goes (the rest black) instead of refusing
+    /// it with 422, as Pillow does with `ImageFile.LOAD_TRUNCATED_IMAGES = True`: for models
+    /// whose training pipeline set it.
+    #[arg(long, env = "RESNET_LOAD_TRUNCATED_IMAGES", value_parser = clap::builder::BoolishValueParser::new())]
+    pub load_truncated_images: bool,
 
     /// Open connections served at once; further clients wait in the accept backlog.
     #[arg(long, env = "RESNET_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
@@ -328,6 +336,33 @@ pub struct HealthcheckArgs {
     /// How long to wait for the answer.
     #[arg(long, default_value_t = 2_000)]
     pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "Each image is decoded, resized, cropped and normalised exactly as `serve` does \
+(and as torchvision does on the PIL image), with the mean/std stored in the weights file. Output: \
+one float32 [3,32,32] tensor per image, named by its file name. A file the service would refuse \
+is reported with the status and error code the API would answer; then nothing is written and \
+the exit status is non-zero."
+)]
+pub struct PreprocessArgs {
+    /// Image files (PNG, JPEG, GIF, BMP, WebP, TIFF).
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// Weights file whose normalisation (mean/std) is applied; by default the weights `serve`
+    /// would use (weights/resnet56.safetensors when it exists, else the built-in model).
+    #[arg(long, env = "RESNET_WEIGHTS")]
+    pub weights: Option<PathBuf>,
+    /// Output safetensors file (written atomically; parent directories are created).
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// As `serve --max-image-pixels`.
+    #[arg(long, env = "RESNET_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
+    pub max_image_pixels: u64,
+    /// As `serve --load-truncated-images`.
+    #[arg(long, env = "RESNET_LOAD_TRUNCATED_IMAGES", value_parser = clap::builder::BoolishValueParser::new())]
+    pub load_truncated_images: bool,
 }
 
 #[cfg(test)]

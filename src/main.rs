@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Eval(args) => resnet_serve::cli::eval::run(args),
         Command::Bench(args) => resnet_serve::cli::bench::run(args),
+        Command::Preprocess(args) => resnet_serve::cli::preprocess::run(args),
         Command::Convert(args) => resnet_serve::model::convert::run(args)
             .map(|_| ())
             .map_err(Into::into),

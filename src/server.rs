@@ -28,6 +28,8 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     pub max_body_bytes: usize,
     pub max_image_pixels: u64,
+    /// Keep what truncated or damaged JPEGs decode to, as Pillow's `LOAD_TRUNCATED_IMAGES`.
+    pub load_truncated_images: bool,
     /// Most images in one `/classify/batch` request.
     pub max_images_per_request: usize,
     /// API key and CORS; open by default. Not from [`ServerConfig::from_args`]: it reads a file.
@@ -44,6 +46,7 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_millis(10_000),
             max_body_bytes: 20 * 1024 * 1024,
             max_image_pixels: 40_000_000,
+            load_truncated_images: false,
             max_images_per_request: 64,
             access: AccessConfig::default(),
         }
@@ -61,6 +64,7 @@ impl ServerConfig {
             request_timeout: Duration::from_millis(args.request_timeout_ms),
             max_body_bytes: args.max_body_bytes,
             max_image_pixels: args.max_image_pixels,
+            load_truncated_images: args.load_truncated_images,
             max_images_per_request: max_batch_size,
             access: AccessConfig::default(),
         }

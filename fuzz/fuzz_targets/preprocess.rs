@@ -38,6 +38,10 @@ fuzz_target!(|data: &[u8]| {
             height,
             limit,
         }) => assert!(u64::from(width) * u64::from(height) > limit),
-        Err(PreprocessError::UnsupportedFormat(_) | PreprocessError::Decode(_)) => {}
+        Err(
+            PreprocessError::UnsupportedFormat(_)
+            | PreprocessError::Decode(_)
+            | PreprocessError::Truncated(_),
+        ) => {}
     }
 });

@@ -1,6 +1,8 @@
-//! Subcommands besides `serve`: `eval` (accuracy and parity), `bench` (throughput) and
-//! `healthcheck` (the container image's liveness check).
+//! Subcommands besides `serve`: `eval` (accuracy and parity), `bench` (throughput),
+//! `preprocess` (the exact model input of image files) and `healthcheck` (the container image's
+//! liveness check).
 
 pub mod bench;
 pub mod eval;
 pub mod healthcheck;
+pub mod preprocess;

@@ -105,7 +105,9 @@ impl ApiError {
             PreprocessError::Empty => Self::BadRequest(message),
             PreprocessError::UnsupportedFormat(_) => Self::UnsupportedMediaType(message),
             PreprocessError::TooManyPixels { .. } => Self::PayloadTooLarge(message),
-            PreprocessError::Decode(_) => Self::InvalidImage(message),
+            PreprocessError::Decode(_) | PreprocessError::Truncated(_) => {
+                Self::InvalidImage(message)
+            }
         }
     }
 
@@ -250,6 +252,7 @@ mod tests {
                 "unsupported_media_type",
             ),
             (PreprocessError::Decode("x".into()), "invalid_image"),
+            (PreprocessError::Truncated("x".into()), "invalid_image"),
         ];
         for (error, code) in cases {
             assert_eq!(ApiError::from_preprocess(error, None).code(), code);

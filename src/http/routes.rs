@@ -15,7 +15,7 @@ use super::types::{
 use super::{AppState, Endpoint};
 use crate::batcher::saturating_add;
 use crate::model::IMAGE_FLOATS;
-use crate::preprocess::preprocess;
+use crate::preprocess::{preprocess_with, DecodeOptions};
 use crate::shutdown::Phase;
 
 /// The OpenAPI description of this API.
@@ -291,12 +291,15 @@ pub(super) async fn image_logits(
         .await
         .map_err(|e| ApiError::Internal(format!("decoder pool closed: {e}")))?;
     let (mean, std) = (state.model.mean, state.model.std);
-    let max_pixels = state.config.max_image_pixels;
+    let options = DecodeOptions {
+        max_pixels: state.config.max_image_pixels,
+        load_truncated: state.config.load_truncated_images,
+    };
     let pixels = tokio::task::spawn_blocking(move || {
         let _slot = decode_slot;
         let mut pixels = Vec::with_capacity(n * IMAGE_FLOATS);
         for (i, bytes) in images.iter().enumerate() {
-            let image = preprocess(bytes, &mean, &std, max_pixels)
+            let image = preprocess_with(bytes, &mean, &std, &options)
                 .map_err(|e| ApiError::from_preprocess(e, (n > 1).then_some(i)))?;
             pixels.extend_from_slice(&image);
         }

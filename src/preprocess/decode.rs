@@ -1,11 +1,32 @@
 //! Decoding uploads to 8-bit RGB the way PIL's `Image.open(...).convert("RGB")` does, with the
-//! pixel limit checked against the header before any pixel is decoded.
+//! pixel limit checked against the header before any pixel is decoded. JPEG goes through
+//! libjpeg-turbo as in Pillow (see `jpeg`); every other format through the `image` crate.
 
 use std::io::Cursor;
 
 use image::{DynamicImage, ImageFormat, ImageReader, Limits};
 
-use super::PreprocessError;
+use super::{jpeg, PreprocessError};
+
+/// How uploads are decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeOptions {
+    /// Images whose header declares more pixels are refused before decoding.
+    pub max_pixels: u64,
+    /// Keep what a truncated or damaged JPEG yields instead of refusing it, as Pillow does with
+    /// `ImageFile.LOAD_TRUNCATED_IMAGES = True`.
+    pub load_truncated: bool,
+}
+
+impl DecodeOptions {
+    /// Pillow's defaults (truncated images refused) with a pixel limit.
+    pub fn with_max_pixels(max_pixels: u64) -> Self {
+        Self {
+            max_pixels,
+            load_truncated: false,
+        }
+    }
+}
 
 /// An interleaved 8-bit RGB image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +70,9 @@ fn reader(bytes: &[u8]) -> Result<FormatReader<'_>, PreprocessError> {
 
 /// The width and height the image's header declares, reading nothing else.
 pub fn declared_dimensions(bytes: &[u8]) -> Result<(u32, u32), PreprocessError> {
+    if jpeg::is_jpeg(bytes) {
+        return jpeg::header(bytes).map(|h| (h.width, h.height));
+    }
     let (reader, format) = reader(bytes)?;
     reader
         .into_dimensions()
@@ -58,14 +82,32 @@ pub fn declared_dimensions(bytes: &[u8]) -> Result<(u32, u32), PreprocessError> 
 /// Decodes `bytes` to 8-bit RGB as PIL's `.convert("RGB")` does, refusing images whose header
 /// declares more than `max_pixels` pixels before decoding any of them.
 pub fn decode_rgb8(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, PreprocessError> {
-    let (width, height) = declared_dimensions(bytes)?;
-    if u64::from(width) * u64::from(height) > max_pixels {
-        return Err(PreprocessError::TooManyPixels {
-            width,
-            height,
-            limit: max_pixels,
-        });
+    decode_rgb8_with(bytes, &DecodeOptions::with_max_pixels(max_pixels))
+}
+
+/// [`decode_rgb8`] with every decoding option.
+pub fn decode_rgb8_with(
+    bytes: &[u8],
+    options: &DecodeOptions,
+) -> Result<RgbImage, PreprocessError> {
+    let max_pixels = options.max_pixels;
+    let check_pixels = |width: u32, height: u32| {
+        if u64::from(width) * u64::from(height) > max_pixels {
+            return Err(PreprocessError::TooManyPixels {
+                width,
+                height,
+                limit: max_pixels,
+            });
+        }
+        Ok(())
+    };
+    if jpeg::is_jpeg(bytes) {
+        let header = jpeg::header(bytes)?;
+        check_pixels(header.width, header.height)?;
+        return jpeg::decode_rgb8(bytes, &header, options.load_truncated);
     }
+    let (width, height) = declared_dimensions(bytes)?;
+    check_pixels(width, height)?;
     if width == 0 || height == 0 {
         return Err(PreprocessError::Decode(format!(
             "the image declares {width}x{height} pixels"

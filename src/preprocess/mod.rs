@@ -3,9 +3,10 @@
 //! `CenterCrop(32)`, `ToTensor()`, `Normalize(mean, std)`.
 
 mod decode;
+mod jpeg;
 mod resample;
 
-pub use decode::{declared_dimensions, decode_rgb8, RgbImage};
+pub use decode::{declared_dimensions, decode_rgb8, decode_rgb8_with, DecodeOptions, RgbImage};
 pub use resample::resize_shorter_and_center_crop;
 
 use crate::model::{INPUT_CHANNELS, INPUT_SIZE};
@@ -24,6 +25,10 @@ pub enum PreprocessError {
     TooManyPixels { width: u32, height: u32, limit: u64 },
     #[error("the image could not be decoded: {0}")]
     Decode(String),
+    /// The data ends before the image does, and Pillow would refuse it ("image file is
+    /// truncated") unless told to load truncated images.
+    #[error("the image could not be decoded: {0}")]
+    Truncated(String),
 }
 
 /// Decodes `bytes` and returns the `[3, 32, 32]` normalised CHW floats torchvision would produce.
@@ -34,7 +39,23 @@ pub fn preprocess(
     std: &[f32; 3],
     max_pixels: u64,
 ) -> Result<Vec<f32>, PreprocessError> {
-    let image = decode_rgb8(bytes, max_pixels)?;
+    preprocess_with(
+        bytes,
+        mean,
+        std,
+        &DecodeOptions::with_max_pixels(max_pixels),
+    )
+}
+
+/// [`preprocess`] with every decoding option: the pixel limit and whether truncated images
+/// are loaded as Pillow's `ImageFile.LOAD_TRUNCATED_IMAGES` loads them.
+pub fn preprocess_with(
+    bytes: &[u8],
+    mean: &[f32; 3],
+    std: &[f32; 3],
+    options: &DecodeOptions,
+) -> Result<Vec<f32>, PreprocessError> {
+    let image = decode_rgb8_with(bytes, options)?;
     let cropped = resize_shorter_and_center_crop(&image, INPUT_SIZE as u32);
     let mut out = Vec::with_capacity(OUTPUT_FLOATS);
     normalize_hwc(&cropped.pixels, mean, std, &mut out);

@@ -5,6 +5,7 @@ pub mod candle;
 pub mod convert;
 pub mod fast;
 pub mod fetch;
+pub mod fold;
 pub mod pytorch;
 mod pytorch_pickle;
 pub mod spec;
@@ -12,6 +13,7 @@ pub mod weights;
 
 use candle_core::{Device, Module, Tensor};
 
+use self::candle::BatchNormMode;
 use crate::config::{DeviceChoice, EngineChoice, ModelArgs};
 pub use spec::{ModelSpec, Shortcut, INPUT_CHANNELS, INPUT_SIZE};
 pub use weights::{Checkpoint, ModelMetadata, WeightsError};
@@ -122,7 +124,10 @@ impl Model {
                 fast::FastResNet::new(&spec, &tensors, args.simd, args.threads)?,
             ),
             _ => Engine::Candle(candle::CandleResNet::from_tensors(
-                &spec, &tensors, &device,
+                &spec,
+                &tensors,
+                &device,
+                BatchNormMode::for_device(&device),
             )?),
         };
         Ok(Self {
@@ -141,7 +146,10 @@ impl Model {
     /// The engine's name, as shown by `/v1/model`, `bench` and the metrics.
     pub fn engine_name(&self) -> String {
         match &self.engine {
-            Engine::Candle(_) => "candle".into(),
+            Engine::Candle(net) => match net.batch_norm_mode() {
+                BatchNormMode::Separate => "candle".into(),
+                BatchNormMode::Folded => "candle-folded".into(),
+            },
             Engine::Fast(net) => net.name(),
         }
     }

@@ -3,6 +3,7 @@
 
 pub mod candle;
 pub mod convert;
+mod device;
 pub mod fast;
 pub mod fetch;
 pub mod fold;
@@ -15,6 +16,7 @@ use candle_core::{Device, Module, Tensor};
 
 use self::candle::BatchNormMode;
 use crate::config::{DeviceChoice, EngineChoice, ModelArgs};
+pub use device::{check_device, device_name, select_device};
 pub use spec::{ModelSpec, Shortcut, INPUT_CHANNELS, INPUT_SIZE};
 pub use weights::{Checkpoint, ModelMetadata, WeightsError};
 
@@ -60,40 +62,6 @@ pub struct Model {
     pub metadata: ModelMetadata,
     device: Device,
     engine: Engine,
-}
-
-/// Resolves `--device` to a candle device.
-pub fn select_device(choice: DeviceChoice) -> Result<Device, ModelError> {
-    let fail = |reason: String| ModelError::Device {
-        device: choice,
-        reason,
-    };
-    match choice {
-        DeviceChoice::Cpu => Ok(Device::Cpu),
-        DeviceChoice::Auto if candle_core::utils::cuda_is_available() => Device::new_cuda(0)
-            .or_else(|e| {
-                tracing::warn!(error = %e, "CUDA is compiled in but unusable; falling back to CPU");
-                Ok(Device::Cpu)
-            }),
-        DeviceChoice::Auto => Ok(Device::Cpu),
-        DeviceChoice::Cuda(ordinal) => {
-            if !candle_core::utils::cuda_is_available() {
-                return Err(fail(
-                    "this binary was built without CUDA support (rebuild with --features cuda,cudnn)".into(),
-                ));
-            }
-            Device::new_cuda(ordinal).map_err(|e| fail(e.to_string()))
-        }
-    }
-}
-
-/// A short, stable name for a device: `cpu` or `cuda:N`.
-pub fn device_name(device: &Device) -> String {
-    match device.location() {
-        candle_core::DeviceLocation::Cpu => "cpu".into(),
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-    }
 }
 
 impl Model {

@@ -93,7 +93,8 @@ pub enum EngineChoice {
     Auto,
     /// Batch-norm-folded, channels-last, fused SIMD kernels (CPU only).
     Fast,
-    /// The plain candle-nn layers: the reference implementation, and the CUDA path.
+    /// The plain candle-nn layers: the reference implementation, and the CUDA path (there with
+    /// batch norm folded into the convolutions).
     Candle,
 }
 

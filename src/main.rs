@@ -7,6 +7,8 @@ use clap::{CommandFactory, FromArgMatches};
 use resnet_serve::config::{Cli, Command, LogFormat, ServeArgs};
 
 fn main() -> ExitCode {
+    #[cfg(feature = "cuda")]
+    keep_cuda_math_fp32();
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
@@ -37,6 +39,18 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// cuDNN may run FP32 convolutions on TF32 tensor cores (10-bit mantissa) by default on Ampere
+/// and newer GPUs, enough over 56 layers to move the logits past the 1e-3 the service matches
+/// PyTorch's FP32 to. Ask NVIDIA's libraries for FP32 unless the environment says otherwise
+/// (`NVIDIA_TF32_OVERRIDE=1` leaves TF32 allowed).
+#[cfg(feature = "cuda")]
+fn keep_cuda_math_fp32() {
+    if std::env::var_os("NVIDIA_TF32_OVERRIDE").is_none() {
+        // Before any thread exists, so nothing reads the environment while it changes.
+        std::env::set_var("NVIDIA_TF32_OVERRIDE", "0");
     }
 }
 
@@ -71,6 +85,8 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     if args.offline {
         tracing::warn!("--offline (RESNET_OFFLINE) has no effect: serve never downloads weights");
     }
+    // A device that cannot be opened fails now, with a message saying what is missing.
+    resnet_serve::model::check_device(args.model.device)?;
     let model = Model::load(&args.model)?;
     let info = ModelInfo::from_model(&model);
     tracing::info!(

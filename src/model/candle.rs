@@ -1,34 +1,57 @@
 //! The reference forward pass: the CIFAR ResNet as plain candle-nn layers, named exactly like
-//! the PyTorch `state_dict()`. It runs on any candle device, and is the CUDA path.
+//! the PyTorch `state_dict()`. It runs on any candle device, and is the CUDA path. On the CPU it
+//! keeps each batch norm as its own layer (the reference the other engines are checked against);
+//! on CUDA each batch norm is folded into its convolution by [`super::fold`], as the fast CPU
+//! engine does, so a layer is one convolution plus a bias add instead of a convolution and six
+//! element-wise kernels.
 
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor};
 use candle_nn::{BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, Linear, VarBuilder};
 
-use super::spec::{ModelSpec, Shortcut, STAGE_CHANNELS};
+use super::fold::{self, fold_batch_norm, BN_EPS};
+use super::spec::{ModelSpec, Shortcut, INPUT_CHANNELS, STAGE_CHANNELS};
 
-/// PyTorch's `nn.BatchNorm2d` default.
-const BN_EPS: f64 = 1e-5;
+/// How the batch norms of the network are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchNormMode {
+    /// Convolution, then batch norm, as in the weights file (the reference).
+    Separate,
+    /// Batch norm folded into the convolution before it: one convolution with a bias.
+    Folded,
+}
 
-fn conv(
+impl BatchNormMode {
+    /// What runs on `device`: folded on CUDA, where every layer is a kernel launch; separate on
+    /// the CPU, where the candle engine serves as the reference.
+    pub fn for_device(device: &Device) -> Self {
+        if device.is_cpu() {
+            Self::Separate
+        } else {
+            Self::Folded
+        }
+    }
+}
+
+/// A convolution's shape: input and output channels, kernel size, stride.
+#[derive(Debug, Clone, Copy)]
+struct ConvShape {
     cin: usize,
     cout: usize,
     k: usize,
     stride: usize,
-    bias: bool,
-    vb: VarBuilder,
-) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: k / 2,
-        stride,
-        ..Default::default()
-    };
-    if bias {
-        candle_nn::conv2d(cin, cout, k, cfg, vb)
-    } else {
-        candle_nn::conv2d_no_bias(cin, cout, k, cfg, vb)
+}
+
+impl ConvShape {
+    fn config(&self) -> Conv2dConfig {
+        Conv2dConfig {
+            padding: self.k / 2,
+            stride: self.stride,
+            ..Default::default()
+        }
     }
 }
 
+/// PyTorch's `nn.BatchNorm2d` in inference mode.
 fn bn(c: usize, vb: VarBuilder) -> Result<BatchNorm> {
     let cfg = BatchNormConfig {
         eps: BN_EPS,
@@ -39,10 +62,71 @@ fn bn(c: usize, vb: VarBuilder) -> Result<BatchNorm> {
     candle_nn::batch_norm(c, cfg, vb)
 }
 
+/// A `[c]` tensor as floats (from any device: this runs once, at load).
+fn floats(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+}
+
+/// A convolution (with a bias when `bias`) followed by a batch norm, computed as `mode` says.
+#[derive(Debug)]
+enum ConvBn {
+    Separate(Conv2d, BatchNorm),
+    Folded(Conv2d),
+}
+
+impl ConvBn {
+    /// The convolution's tensors under `conv`, the batch norm's under `norm`.
+    fn new(
+        shape: ConvShape,
+        bias: bool,
+        conv: VarBuilder,
+        norm: VarBuilder,
+        mode: BatchNormMode,
+    ) -> Result<Self> {
+        let ConvShape { cin, cout, k, .. } = shape;
+        let weight = conv.get((cout, cin, k, k), "weight")?;
+        let conv_bias = if bias {
+            Some(conv.get(cout, "bias")?)
+        } else {
+            None
+        };
+        match mode {
+            BatchNormMode::Separate => Ok(Self::Separate(
+                Conv2d::new(weight, conv_bias, shape.config()),
+                bn(cout, norm)?,
+            )),
+            BatchNormMode::Folded => {
+                let stats = fold::BatchNorm {
+                    weight: floats(&norm.get(cout, "weight")?)?,
+                    bias: floats(&norm.get(cout, "bias")?)?,
+                    running_mean: floats(&norm.get(cout, "running_mean")?)?,
+                    running_var: floats(&norm.get(cout, "running_var")?)?,
+                };
+                let conv_bias = conv_bias.as_ref().map(floats).transpose()?;
+                let folded =
+                    fold_batch_norm(&floats(&weight)?, conv_bias.as_deref(), &stats, cin, k);
+                let device = weight.device();
+                Ok(Self::Folded(Conv2d::new(
+                    Tensor::from_vec(folded.weight, (cout, cin, k, k), device)?,
+                    Some(Tensor::from_vec(folded.bias, cout, device)?),
+                    shape.config(),
+                )))
+            }
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Separate(conv, bn) => bn.forward_t(&conv.forward(x)?, false),
+            Self::Folded(conv) => conv.forward(x),
+        }
+    }
+}
+
 #[derive(Debug)]
 enum ShortcutLayer {
     Identity,
-    Projection(Conv2d, BatchNorm),
+    Projection(ConvBn),
     /// Subsample by 2 and pad `pad` zero channels on each side.
     ZeroPad {
         pad: usize,
@@ -51,45 +135,67 @@ enum ShortcutLayer {
 
 #[derive(Debug)]
 struct BasicBlock {
-    conv1: Conv2d,
-    bn1: BatchNorm,
-    conv2: Conv2d,
-    bn2: BatchNorm,
+    conv1: ConvBn,
+    conv2: ConvBn,
     shortcut: ShortcutLayer,
 }
 
 impl BasicBlock {
-    fn new(spec: &ModelSpec, stage: usize, index: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        spec: &ModelSpec,
+        stage: usize,
+        index: usize,
+        vb: VarBuilder,
+        mode: BatchNormMode,
+    ) -> Result<Self> {
         let (stride, cin, cout) = spec.block_geometry(stage, index);
         let bias = spec.conv_bias;
+        let conv3x3 = |cin, stride| ConvShape {
+            cin,
+            cout,
+            k: 3,
+            stride,
+        };
         let shortcut = if !spec.is_downsampling(stage, index) {
             ShortcutLayer::Identity
         } else {
             match spec.shortcut {
-                Shortcut::Projection => ShortcutLayer::Projection(
-                    conv(cin, cout, 1, stride, bias, vb.pp("residual").pp("0"))?,
-                    bn(cout, vb.pp("residual").pp("1"))?,
-                ),
+                Shortcut::Projection => ShortcutLayer::Projection(ConvBn::new(
+                    ConvShape {
+                        cin,
+                        cout,
+                        k: 1,
+                        stride,
+                    },
+                    bias,
+                    vb.pp("residual").pp("0"),
+                    vb.pp("residual").pp("1"),
+                    mode,
+                )?),
                 Shortcut::ZeroPad => ShortcutLayer::ZeroPad {
                     pad: (cout - cin) / 2,
                 },
             }
         };
         Ok(Self {
-            conv1: conv(cin, cout, 3, stride, bias, vb.pp("conv1"))?,
-            bn1: bn(cout, vb.pp("bn1"))?,
-            conv2: conv(cout, cout, 3, 1, bias, vb.pp("conv2"))?,
-            bn2: bn(cout, vb.pp("bn2"))?,
+            conv1: ConvBn::new(
+                conv3x3(cin, stride),
+                bias,
+                vb.pp("conv1"),
+                vb.pp("bn1"),
+                mode,
+            )?,
+            conv2: ConvBn::new(conv3x3(cout, 1), bias, vb.pp("conv2"), vb.pp("bn2"), mode)?,
             shortcut,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.bn1.forward_t(&self.conv1.forward(x)?, false)?.relu()?;
-        let y = self.bn2.forward_t(&self.conv2.forward(&y)?, false)?;
+        let y = self.conv1.forward(x)?.relu()?;
+        let y = self.conv2.forward(&y)?;
         let identity = match &self.shortcut {
             ShortcutLayer::Identity => x.clone(),
-            ShortcutLayer::Projection(conv, bn) => bn.forward_t(&conv.forward(x)?, false)?,
+            ShortcutLayer::Projection(conv) => conv.forward(x)?,
             ShortcutLayer::ZeroPad { pad } => subsample2(x)?.pad_with_zeros(1, *pad, *pad)?,
         };
         (y + identity)?.relu()
@@ -108,15 +214,16 @@ fn subsample2(x: &Tensor) -> Result<Tensor> {
 /// The CIFAR ResNet in candle-nn.
 #[derive(Debug)]
 pub struct CandleResNet {
-    conv1: Conv2d,
-    bn1: BatchNorm,
+    stem: ConvBn,
     blocks: Vec<BasicBlock>,
     fc: Linear,
+    mode: BatchNormMode,
 }
 
 impl CandleResNet {
-    /// Builds the network from a [`VarBuilder`] over tensors named as in the weights file.
-    pub fn new(spec: &ModelSpec, vb: VarBuilder) -> Result<Self> {
+    /// Builds the network from a [`VarBuilder`] over tensors named as in the weights file, on
+    /// the builder's device.
+    pub fn new(spec: &ModelSpec, vb: VarBuilder, mode: BatchNormMode) -> Result<Self> {
         let mut blocks = Vec::with_capacity(3 * spec.blocks_per_stage);
         for stage in 0..3 {
             let stage_vb = vb.pp(format!("block{}", stage + 1));
@@ -126,14 +233,21 @@ impl CandleResNet {
                     stage,
                     index,
                     stage_vb.pp(index.to_string()),
+                    mode,
                 )?);
             }
         }
+        let stem = ConvShape {
+            cin: INPUT_CHANNELS,
+            cout: STAGE_CHANNELS[0],
+            k: 3,
+            stride: 1,
+        };
         Ok(Self {
-            conv1: conv(3, STAGE_CHANNELS[0], 3, 1, spec.conv_bias, vb.pp("conv1"))?,
-            bn1: bn(STAGE_CHANNELS[0], vb.pp("bn1"))?,
+            stem: ConvBn::new(stem, spec.conv_bias, vb.pp("conv1"), vb.pp("bn1"), mode)?,
             blocks,
             fc: candle_nn::linear(STAGE_CHANNELS[2], spec.num_classes, vb.pp("fc"))?,
+            mode,
         })
     }
 
@@ -142,16 +256,22 @@ impl CandleResNet {
         spec: &ModelSpec,
         tensors: &std::collections::HashMap<String, Tensor>,
         device: &Device,
+        mode: BatchNormMode,
     ) -> Result<Self> {
         let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, device);
-        Self::new(spec, vb)
+        Self::new(spec, vb, mode)
+    }
+
+    /// How the batch norms are computed.
+    pub fn batch_norm_mode(&self) -> BatchNormMode {
+        self.mode
     }
 }
 
 impl Module for CandleResNet {
     /// `[N, 3, 32, 32]` normalised images to `[N, classes]` logits.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = self.bn1.forward_t(&self.conv1.forward(x)?, false)?.relu()?;
+        let mut y = self.stem.forward(x)?.relu()?;
         for block in &self.blocks {
             y = block.forward(&y)?;
         }

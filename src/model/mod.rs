@@ -3,9 +3,11 @@
 
 pub mod candle;
 pub mod convert;
+mod device;
 pub mod embedded;
 pub mod fast;
 pub mod fetch;
+pub mod fold;
 pub mod pytorch;
 mod pytorch_pickle;
 pub mod spec;
@@ -13,7 +15,9 @@ pub mod weights;
 
 use candle_core::{Device, Module, Tensor};
 
+use self::candle::BatchNormMode;
 use crate::config::{DeviceChoice, EngineChoice, ModelArgs};
+pub use device::{check_device, device_name, select_device};
 pub use spec::{ModelSpec, Shortcut, INPUT_CHANNELS, INPUT_SIZE};
 pub use weights::{Checkpoint, ModelMetadata, WeightsError, WeightsOrigin, WeightsSource};
 
@@ -63,40 +67,6 @@ pub struct Model {
     engine: Engine,
 }
 
-/// Resolves `--device` to a candle device.
-pub fn select_device(choice: DeviceChoice) -> Result<Device, ModelError> {
-    let fail = |reason: String| ModelError::Device {
-        device: choice,
-        reason,
-    };
-    match choice {
-        DeviceChoice::Cpu => Ok(Device::Cpu),
-        DeviceChoice::Auto if candle_core::utils::cuda_is_available() => Device::new_cuda(0)
-            .or_else(|e| {
-                tracing::warn!(error = %e, "CUDA is compiled in but unusable; falling back to CPU");
-                Ok(Device::Cpu)
-            }),
-        DeviceChoice::Auto => Ok(Device::Cpu),
-        DeviceChoice::Cuda(ordinal) => {
-            if !candle_core::utils::cuda_is_available() {
-                return Err(fail(
-                    "this binary was built without CUDA support (rebuild with --features cuda,cudnn)".into(),
-                ));
-            }
-            Device::new_cuda(ordinal).map_err(|e| fail(e.to_string()))
-        }
-    }
-}
-
-/// A short, stable name for a device: `cpu` or `cuda:N`.
-pub fn device_name(device: &Device) -> String {
-    match device.location() {
-        candle_core::DeviceLocation::Cpu => "cpu".into(),
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-    }
-}
-
 impl Model {
     /// Loads the weights the arguments name (or the default ones, see
     /// [`WeightsSource::resolve`]) and builds the engine they ask for.
@@ -128,7 +98,10 @@ impl Model {
                 fast::FastResNet::new(&spec, &tensors, args.simd, args.threads)?,
             ),
             _ => Engine::Candle(candle::CandleResNet::from_tensors(
-                &spec, &tensors, &device,
+                &spec,
+                &tensors,
+                &device,
+                BatchNormMode::for_device(&device),
             )?),
         };
         Ok(Self {
@@ -148,7 +121,10 @@ impl Model {
     /// The engine's name, as shown by `/v1/model`, `bench` and the metrics.
     pub fn engine_name(&self) -> String {
         match &self.engine {
-            Engine::Candle(_) => "candle".into(),
+            Engine::Candle(net) => match net.batch_norm_mode() {
+                BatchNormMode::Separate => "candle".into(),
+                BatchNormMode::Folded => "candle-folded".into(),
+            },
             Engine::Fast(net) => net.name(),
         }
     }

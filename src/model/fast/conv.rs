@@ -5,9 +5,9 @@
 use std::ops::Range;
 
 use super::buffers::{AlignedBuf, Plane};
-use super::fold::FoldedConv;
 use super::kernels::{self, scalar, Kernel, RawConv};
 use super::simd::SimdLevel;
+use crate::model::fold::FoldedConv;
 
 /// A 3x3 (padding 1) or 1x1 (padding 0) convolution with bias, ready to run.
 #[derive(Debug)]

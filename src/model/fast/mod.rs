@@ -4,7 +4,7 @@
 //! batch (or, for a batch smaller than the thread count, each layer) shared between threads.
 //!
 //! - [`simd`]: detecting and forcing the instruction set.
-//! - [`fold`]: batch-norm folding.
+//! - [`crate::model::fold`]: batch-norm folding (shared with the candle engine on CUDA).
 //! - [`conv`], [`kernels`]: one direct convolution and its microkernels.
 //! - [`winograd`]: the Winograd convolutions (their products reuse the microkernels).
 //! - [`network`]: the layer plan and a micro-batch's walk through it.
@@ -12,7 +12,6 @@
 
 pub mod buffers;
 pub mod conv;
-pub mod fold;
 pub mod kernels;
 pub mod network;
 pub mod parallel;

@@ -8,12 +8,12 @@ use candle_core::{DType, Tensor};
 
 use super::buffers::Plane;
 use super::conv::{ConvLayer, ConvTask};
-use super::fold::{fold_batch_norm, BatchNorm, FoldedConv};
 use super::parallel::Partition;
 use super::simd::SimdLevel;
 use super::winograd::{self, Scratch, WinogradLayer, TILE};
 use super::workspace::Shared;
 use super::FastError;
+use crate::model::fold::{fold_batch_norm, BatchNorm, FoldedConv};
 use crate::model::spec::{ModelSpec, Shortcut, INPUT_CHANNELS, INPUT_SIZE, STAGE_CHANNELS};
 
 /// Buffer id of the network input.

@@ -2,7 +2,7 @@
 //! straight from its definition.
 
 use super::buffers::Plane;
-use super::fold::FoldedConv;
+use crate::model::fold::FoldedConv;
 
 /// Deterministic pseudo-random values in [-1, 1).
 pub fn noise(len: usize, seed: u64) -> Vec<f32> {

@@ -9,9 +9,9 @@
 use std::ops::Range;
 
 use super::buffers::{AlignedBuf, Plane};
-use super::fold::FoldedConv;
 use super::kernels::{self, Kernel, RawGemm};
 use super::simd::SimdLevel;
+use crate::model::fold::FoldedConv;
 
 /// Output tile side.
 pub const TILE: usize = 4;

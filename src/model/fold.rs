@@ -1,5 +1,6 @@
 //! Batch-norm folding: an inference-mode `BN(conv(x) + b)` is itself a convolution, with each
-//! output channel's filter scaled and its bias shifted. Done once at load, in f64.
+//! output channel's filter scaled and its bias shifted. Done once at load, in f64, for both
+//! engines that fold: the fast CPU engine and the candle engine on CUDA.
 
 /// PyTorch's `nn.BatchNorm2d` default epsilon.
 pub const BN_EPS: f64 = 1e-5;

@@ -140,7 +140,7 @@ check "bench pytorch" timeout 1200 "$py" "$helper" torch "${torch_args[@]}"
 load() {
     local base="http://127.0.0.1:$port" image server status=0
     image=$(find "$shared/data/images" -name '*.png' | sort | head -n1)
-    "$binary" serve --device "$device" --host 127.0.0.1 --port "$port" --offline \
+    "$binary" serve --device "$device" --host 127.0.0.1 --port "$port" \
         --weights "$seed" --log-format json >"$out/serve.log" 2>&1 &
     server=$!
     if "$py" "$helper" ready "$base/health/ready" --seconds 120; then

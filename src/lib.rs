@@ -10,7 +10,7 @@
 //! - [`shutdown`]: readiness and the signals that start a graceful shutdown.
 //! - [`connections`]: accepting connections: the connection cap, header timeout, bounded drain.
 //! - [`server`]: server configuration, first-run weights, and `run(listener, ..., shutdown)`.
-//! - [`cli`]: the offline subcommands `eval`, `bench` and `preprocess`.
+//! - [`cli`]: the subcommands besides `serve`: `eval`, `bench`, `preprocess`, `healthcheck`.
 
 pub mod batcher;
 pub mod cli;

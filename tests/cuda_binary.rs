@@ -83,7 +83,7 @@ fn run_timed(binary: &Path, dir: &Path, args: &[&OsStr]) -> (Output, Duration) {
     (output, started.elapsed())
 }
 
-/// `serve --device cuda` (no weights, offline: the device is checked first) and
+/// `serve --device cuda` (the built-in weights: the device is checked first) and
 /// `bench --device cuda`: both refused at once, with `expected` in the message, no panic, no
 /// raw driver error, and the way to run on the CPU.
 fn assert_cuda_refused(binary: &Path, expected: &[&str]) {
@@ -91,11 +91,10 @@ fn assert_cuda_refused(binary: &Path, expected: &[&str]) {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let serve: [&OsStr; 6] = [
+    let serve: [&OsStr; 5] = [
         "serve".as_ref(),
         "--device".as_ref(),
         "cuda".as_ref(),
-        "--offline".as_ref(),
         "--port".as_ref(),
         "0".as_ref(),
     ];
@@ -255,7 +254,7 @@ fn cuda_build_without_a_gpu_serves_on_the_cpu_under_device_auto() {
             "--port",
             "0",
         ])
-        .args(["--log-format", "json", "--offline", "--weights"])
+        .args(["--log-format", "json", "--weights"])
         .arg(&weights)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -4,7 +4,7 @@
 # target's executions, coverage and findings (crash/oom/timeout files in fuzz/artifacts/<target>/).
 #
 #   scripts/fuzz.sh [SECONDS]             all targets
-#   FUZZ_TARGETS="preprocess" scripts/fuzz.sh 600
+#   FUZZ_TARGETS="jpeg" scripts/fuzz.sh 600
 #
 # Installs cargo-fuzz when missing. cargo-fuzz passes nightly-only flags (sanitizer, coverage
 # instrumentation); RUSTC_BOOTSTRAP=1 lets the stable toolchain accept them. Runs at the lowest
@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SECONDS_PER_TARGET="${1:-60}"
-TARGETS=(${FUZZ_TARGETS:-preprocess weights pytorch})
+TARGETS=(${FUZZ_TARGETS:-preprocess jpeg weights pytorch})
 SANITIZER="${FUZZ_SANITIZER:-address}"
 # Fewer codegen units than cargo-fuzz's default of 1 keep the instrumented build of the
 # dependencies to minutes on small machines; the fuzzers run about as fast.
@@ -28,7 +28,7 @@ MALLOC_LIMIT_MB="${FUZZ_MALLOC_LIMIT_MB:-256}"
 
 max_len() {
     case "$1" in
-        preprocess) echo 32768 ;; # image bombs are small; larger inputs only slow mutation
+        preprocess | jpeg) echo 32768 ;; # image bombs are small; larger inputs only slow mutation
         *) echo 16384 ;;          # the largest checkpoint/header seed is about 6 KB
     esac
 }

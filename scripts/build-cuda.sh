@@ -15,7 +15,8 @@
 #           the CUDA libraries, so it needs them even for --device cpu);
 #   resnet-serve  a wrapper that runs the built binary with env.sh.
 # cargo builds into its own target directory, by default in the cache: CI clones afresh, and
-# most of a cold build (about 30 CPU-minutes) is candle's CUDA kernels, which then compile once.
+# most of a cold build (about 30 CPU-minutes) is candle's CUDA kernels, which then compile once
+# per clone directory (the toolkit's paths under target/ are part of cargo's fingerprints).
 # The binary is copied to target/cuda/release/resnet-serve.
 #
 # CUDA 13.0 because PTX runs only on a driver at least as new as the compiler that made it: 13.0

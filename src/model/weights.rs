@@ -181,7 +181,9 @@ impl Checkpoint {
                     default: PathBuf::from(DEFAULT_WEIGHTS_PATH),
                 })?;
                 let mut checkpoint = Self::from_bytes(label, bytes)?;
-                checkpoint.origin = WeightsOrigin::new("embedded", None, bytes);
+                // Same bytes, same digest: only where they came from differs.
+                checkpoint.origin.kind = "embedded".into();
+                checkpoint.origin.path = None;
                 Ok(checkpoint)
             }
         }

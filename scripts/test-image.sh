@@ -17,6 +17,7 @@
 # so a second run only rebuilds what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mkdir -p target
 
 SHARED=${RESNET_SHARED_DIR:-../shared}
 CACHE=${RESNET_CACHE_DIR:-$HOME/.cache/resnet-serve}

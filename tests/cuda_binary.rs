@@ -65,12 +65,7 @@ fn gpu_present() -> bool {
 
 /// `binary` with no `RESNET_*` variables from the environment leaking in.
 fn command(binary: &Path) -> Command {
-    let mut command = Command::new(binary);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("RESNET_") && key != "RESNET_CUDA_BINARY" {
-            command.env_remove(key);
-        }
-    }
+    let mut command = common::command_without_resnet_env(binary);
     command.env("RUST_LOG", "info");
     command
 }

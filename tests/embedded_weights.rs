@@ -9,12 +9,7 @@ use std::process::Command;
 
 /// The binary in an empty working directory, with no `RESNET_*` settings leaking in.
 fn in_empty_dir(dir: &std::path::Path) -> Command {
-    let mut command = Command::new(common::binary());
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("RESNET_") {
-            command.env_remove(key);
-        }
-    }
+    let mut command = common::command_without_resnet_env(&common::binary());
     command.current_dir(dir);
     command
 }

@@ -16,12 +16,7 @@ use serde_json::Value;
 
 /// The binary with no `RESNET_*` variables from the environment leaking in.
 fn resnet_serve() -> Command {
-    let mut command = Command::new(common::binary());
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("RESNET_") {
-            command.env_remove(key);
-        }
-    }
+    let mut command = common::command_without_resnet_env(&common::binary());
     command.env("RUST_LOG", "info");
     command
 }

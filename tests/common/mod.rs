@@ -73,6 +73,17 @@ pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_resnet-serve"))
 }
 
+/// `binary` with no `RESNET_*` variables from the test's environment leaking into its settings.
+pub fn command_without_resnet_env(binary: &Path) -> std::process::Command {
+    let mut command = std::process::Command::new(binary);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("RESNET_") {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
 /// Runs the binary with `args`, returning (exit success, stdout, stderr).
 pub fn run_cli(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
     let out = std::process::Command::new(binary())

@@ -97,13 +97,18 @@ def sigterm(args):
         if args.shared else None
     if body is None:
         raise SystemExit("--shared is required")
-    terminated = threading.Event()
+    # `terminating` is set just before the signal and `signalled` just after it: a transport error
+    # can be the signal's doing only if `terminating` was set when it was seen, and a request was
+    # in flight across the signal if sent before `terminating` and answered after `signalled`.
+    terminating = threading.Event()
+    signalled = threading.Event()
     lock = threading.Lock()
-    outcomes = []  # (sent after SIGTERM, answered after SIGTERM, status or error text)
+    # (sent after terminating, ended after terminating, ended after signalled, status or error)
+    outcomes = []
 
     def client():
         while True:
-            sent_after = terminated.is_set()
+            sent_after = terminating.is_set()
             try:
                 status, _ = post_image(args.port, body, timeout=60)
                 outcome = status
@@ -111,9 +116,10 @@ def sigterm(args):
                 outcome = f"{type(e).__name__}: {e}"
             except OSError as e:
                 outcome = f"{type(e).__name__}: {e}"
-            answered_after = terminated.is_set()
+            answered_after = terminating.is_set()
+            answered_after_signal = signalled.is_set()
             with lock:
-                outcomes.append((sent_after, answered_after, outcome))
+                outcomes.append((sent_after, answered_after, answered_after_signal, outcome))
             if not isinstance(outcome, int) and answered_after:
                 return
 
@@ -130,15 +136,16 @@ def sigterm(args):
             print("[image-checks] no load built up", file=sys.stderr)
             return 1
         time.sleep(0.01)
+    terminating.set()
     os.kill(args.pid, signal.SIGTERM)
-    terminated.set()
+    signalled.set()
     for t in threads:
         t.join(timeout=90)
     if any(t.is_alive() for t in threads):
         print("[image-checks] a client never finished after SIGTERM", file=sys.stderr)
         return 1
     failures = []
-    for sent_after, answered_after, outcome in outcomes:
+    for sent_after, answered_after, _, outcome in outcomes:
         if outcome == 200:
             continue
         if not sent_after:
@@ -151,8 +158,8 @@ def sigterm(args):
         elif outcome != 503 and isinstance(outcome, int):
             failures.append(f"sent after SIGTERM: status {outcome}")
     before = sum(1 for o in outcomes if not o[1])
-    across = sum(1 for o in outcomes if not o[0] and o[1] and o[2] == 200)
-    unaccepted = sum(1 for o in outcomes if o[1] and not isinstance(o[2], int))
+    across = sum(1 for o in outcomes if not o[0] and o[2] and o[3] == 200)
+    unaccepted = sum(1 for o in outcomes if o[1] and not isinstance(o[3], int))
     print(f"[image-checks] SIGTERM under {args.clients} clients: {before} answered before, "
           f"{across} in flight at SIGTERM answered 200, {unaccepted} refused or reset after it "
           f"(not accepted), {len(failures)} lost", file=sys.stderr)

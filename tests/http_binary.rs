@@ -516,14 +516,25 @@ fn sigterm_under_load_answers_every_accepted_request_and_exits_0() {
     };
     let png = solid_png([30, 120, 240]);
     let url = format!("{}/classify", server.base);
-    let terminated = AtomicBool::new(false);
+    // `terminating` is set just before the signal is sent and `signalled` just after: a transport
+    // error can only be the signal's doing if `terminating` was already set when it was seen, and
+    // a request was in flight across the signal if it was sent before `terminating` and answered
+    // after `signalled`.
+    let terminating = AtomicBool::new(false);
+    let signalled = AtomicBool::new(false);
     let completed = std::sync::atomic::AtomicUsize::new(0);
-    // (sent after SIGTERM, outcome): a status, or a transport error.
-    type Outcome = (bool, bool, Result<u16, String>);
+    /// What one request saw of the shutdown, and how it ended: a status, or a transport error.
+    struct Outcome {
+        sent_after_terminating: bool,
+        ended_after_terminating: bool,
+        ended_after_signalled: bool,
+        result: Result<u16, String>,
+    }
     let (outcomes, exit, waited) = std::thread::scope(|scope| {
         let clients: Vec<_> = (0..16)
             .map(|_| {
-                let (url, png, terminated, completed) = (&url, &png, &terminated, &completed);
+                let (url, png, completed) = (&url, &png, &completed);
+                let (terminating, signalled) = (&terminating, &signalled);
                 scope.spawn(move || {
                     // A connection per request: what the server accepted, it must answer.
                     let http = reqwest::blocking::Client::builder()
@@ -533,8 +544,8 @@ fn sigterm_under_load_answers_every_accepted_request_and_exits_0() {
                         .unwrap();
                     let mut outcomes: Vec<Outcome> = Vec::new();
                     loop {
-                        let sent_after = terminated.load(Ordering::Acquire);
-                        let outcome = http
+                        let sent_after_terminating = terminating.load(Ordering::Acquire);
+                        let result = http
                             .post(url)
                             .header("content-type", "image/png")
                             .body(png.clone())
@@ -544,11 +555,17 @@ fn sigterm_under_load_answers_every_accepted_request_and_exits_0() {
                                 r.bytes().map(|_| status)
                             })
                             .map_err(|e| format!("{e:?}"));
-                        let answered_after = terminated.load(Ordering::Acquire);
-                        let failed = outcome.is_err();
+                        let ended_after_terminating = terminating.load(Ordering::Acquire);
+                        let ended_after_signalled = signalled.load(Ordering::Acquire);
+                        let failed = result.is_err();
                         completed.fetch_add(1, Ordering::AcqRel);
-                        outcomes.push((sent_after, answered_after, outcome));
-                        if failed && answered_after {
+                        outcomes.push(Outcome {
+                            sent_after_terminating,
+                            ended_after_terminating,
+                            ended_after_signalled,
+                            result,
+                        });
+                        if failed && ended_after_terminating {
                             return outcomes;
                         }
                     }
@@ -561,8 +578,9 @@ fn sigterm_under_load_answers_every_accepted_request_and_exits_0() {
             assert!(loaded.elapsed() < Duration::from_secs(60), "no load");
             std::thread::sleep(Duration::from_millis(10));
         }
+        terminating.store(true, Ordering::Release);
         server.terminate();
-        terminated.store(true, Ordering::Release);
+        signalled.store(true, Ordering::Release);
         let stopping = std::time::Instant::now();
         let exit = server.child.wait().unwrap();
         let waited = stopping.elapsed();
@@ -574,26 +592,34 @@ fn sigterm_under_load_answers_every_accepted_request_and_exits_0() {
     });
     assert!(exit.success(), "exit status {exit}");
     assert!(waited < Duration::from_secs(25), "took {waited:?} to stop");
-    let before: Vec<_> = outcomes.iter().filter(|o| !o.1).collect();
+    let before = outcomes
+        .iter()
+        .filter(|o| !o.ended_after_terminating)
+        .count();
     let across = outcomes
         .iter()
-        .filter(|o| !o.0 && o.1 && o.2 == Ok(200))
+        .filter(|o| !o.sent_after_terminating && o.ended_after_signalled && o.result == Ok(200))
         .count();
-    let refused = outcomes.iter().filter(|o| o.2.is_err()).count();
-    for (sent_after, answered_after, outcome) in &outcomes {
-        match outcome {
+    let refused = outcomes.iter().filter(|o| o.result.is_err()).count();
+    for o in &outcomes {
+        match &o.result {
             Ok(200) => {}
-            Ok(503) => assert!(*answered_after, "503 before SIGTERM"),
-            Ok(status) => panic!("status {status} (sent after SIGTERM: {sent_after})"),
+            Ok(503) => assert!(o.ended_after_terminating, "503 before SIGTERM"),
+            Ok(status) => panic!(
+                "status {status} (sent after SIGTERM: {})",
+                o.sent_after_terminating
+            ),
             // Only once the server stops accepting: refused or reset before being read.
-            Err(e) => assert!(*answered_after, "a request failed before SIGTERM: {e}"),
+            Err(e) => assert!(
+                o.ended_after_terminating,
+                "a request failed before SIGTERM: {e}"
+            ),
         }
     }
     eprintln!(
-        "{} requests before SIGTERM (all 200), {across} in flight at SIGTERM answered 200, \
+        "{before} requests before SIGTERM (all 200), {across} in flight at SIGTERM answered 200, \
          {refused} refused after; exit 0 after {waited:?}",
-        before.len()
     );
-    assert!(!before.is_empty());
+    assert!(before > 0);
     assert!(across > 0, "no request was in flight at SIGTERM");
 }

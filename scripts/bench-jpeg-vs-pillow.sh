@@ -50,7 +50,7 @@ fi
 
 port=$("$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 log=$(mktemp)
-"$bin" serve --offline --weights "$weights" --host 127.0.0.1 --port "$port" >"$log" 2>&1 &
+"$bin" serve --weights "$weights" --host 127.0.0.1 --port "$port" --grpc-port 0 >"$log" 2>&1 &
 server=$!
 stop() {
     kill -TERM "$server" 2>/dev/null || true

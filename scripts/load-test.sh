@@ -24,7 +24,7 @@ image_args=()
 if [[ -n "${IMAGE:-}" ]]; then image_args=(--image "$IMAGE"); fi
 
 log=$(mktemp)
-"$server_bin" serve --weights "$weights" --host 127.0.0.1 --port "$port" \
+"$server_bin" serve --weights "$weights" --host 127.0.0.1 --port "$port" --grpc-port 0 \
     >"$log" 2>&1 &
 server=$!
 stop() {

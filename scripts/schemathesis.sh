@@ -35,7 +35,7 @@ base="http://127.0.0.1:$port"
 key="schemathesis-$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
 log=target/schemathesis-server.log
 
-RESNET_API_KEY="$key" "$binary" serve --host 127.0.0.1 --port "$port" \
+RESNET_API_KEY="$key" "$binary" serve --host 127.0.0.1 --port "$port" --grpc-port 0 \
     --weights "$weights" --device cpu --max-batch-size 8 >"$log" 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true' EXIT

@@ -27,7 +27,7 @@ client=target/debug/examples/load_test
 
 log=$(mktemp)
 nice -n "${NICE:-0}" "$BINARY" serve --weights "$weights" --host 127.0.0.1 \
-    --port "$port" >"$log" 2>&1 &
+    --port "$port" --grpc-port 0 >"$log" 2>&1 &
 server=$!
 stop() {
     status=0

@@ -155,6 +155,11 @@ pub struct ServeArgs {
     #[arg(long, env = "RESNET_PORT", default_value_t = 8080)]
     pub port: u16,
 
+    /// Port of the gRPC API (the Open Inference Protocol and grpc.health.v1), on the same
+    /// address; 0 turns it off.
+    #[arg(long, env = "RESNET_GRPC_PORT", default_value_t = 8081)]
+    pub grpc_port: u16,
+
     /// Most images in one forward pass.
     #[arg(long, env = "RESNET_MAX_BATCH_SIZE", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_batch_size: u32,

@@ -4,7 +4,10 @@
 //! - [`model`]: architecture spec, weights loading, PyTorch conversion, download, and the
 //!   forward-pass engines behind one [`model::Model`].
 //! - [`preprocess`]: image bytes to normalised tensors, as torchvision does.
+//! - [`infer`]: the inference layer every protocol shares: readiness, deadlines, admission,
+//!   decoding, the batcher, softmax; one error type.
 //! - [`batcher`]: the bounded queue, the batching policy and the model thread.
+//! - [`grpc`]: the Open Inference Protocol over gRPC and `grpc.health.v1`, on their own port.
 //! - [`http`]: the routes, their request and response types, and the one error type.
 //! - [`metrics`]: the Prometheus metrics of the contract, one registry per server.
 //! - [`shutdown`]: readiness and the signals that start a graceful shutdown.
@@ -16,7 +19,9 @@ pub mod batcher;
 pub mod cli;
 pub mod config;
 pub mod connections;
+pub mod grpc;
 pub mod http;
+pub mod infer;
 pub mod metrics;
 pub mod model;
 pub mod preprocess;

@@ -70,7 +70,7 @@ fn init_tracing(format: LogFormat) {
 /// `serve`: model (from `--weights`, the default file, or the embedded weights), listener, then
 /// the server until a signal.
 fn serve(args: &ServeArgs) -> anyhow::Result<()> {
-    use resnet_serve::{http::types::ModelInfo, model::Model, server};
+    use resnet_serve::{infer::ModelInfo, model::Model, server};
 
     let access = resnet_serve::http::auth::AccessConfig::from_args(args)?;
     tracing::info!(
@@ -110,12 +110,24 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {}:{}", args.host, args.port))?;
         tracing::info!(address = %listener.local_addr()?, "listening");
+        let grpc = if args.grpc_port == 0 {
+            None
+        } else {
+            let grpc = tokio::net::TcpListener::bind((args.host, args.grpc_port))
+                .await
+                .with_context(|| format!("binding {}:{} for gRPC", args.host, args.grpc_port))?;
+            tracing::info!(address = %grpc.local_addr()?, "listening for gRPC");
+            Some(grpc)
+        };
         let config = server::ServerConfig {
             access,
             ..server::ServerConfig::from_args(args)
         };
         server::run_with_limits(
-            listener,
+            server::Listeners {
+                http: listener,
+                grpc,
+            },
             model,
             info,
             config,

@@ -129,9 +129,14 @@ impl Metrics {
 
     /// Counts one HTTP request and its duration.
     pub fn record_request(&self, route: &'static str, status: u16, seconds: f64) {
+        self.record_call(route, status.to_string(), seconds);
+    }
+
+    /// Counts one request or call of any protocol: `status` is the HTTP status code, or the
+    /// gRPC status code's name (`OK`, `INVALID_ARGUMENT`, ...) for routes `grpc:<method>`.
+    pub fn record_call(&self, route: &'static str, status: String, seconds: f64) {
         metrics::with_local_recorder(&self.recorder, || {
-            metrics::counter!(REQUESTS_TOTAL, "route" => route, "status" => status.to_string())
-                .increment(1);
+            metrics::counter!(REQUESTS_TOTAL, "route" => route, "status" => status).increment(1);
             metrics::histogram!(REQUEST_DURATION, "route" => route).record(seconds);
         });
     }

@@ -6,14 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::batcher::{BatchPolicy, Batcher, BatcherConfig, Classifier};
 use crate::config::ServeArgs;
 use crate::connections::{self, ConnectionLimits};
+use crate::grpc::{self, GrpcOptions};
 use crate::http::auth::AccessConfig;
-use crate::http::types::ModelInfo;
 use crate::http::{router, AppState};
+use crate::infer::{InferLimits, Inference, ModelInfo};
 use crate::metrics::Metrics;
 use crate::shutdown::Readiness;
 
@@ -54,6 +54,16 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
+    /// What bounds each inference request.
+    pub fn infer_limits(&self) -> InferLimits {
+        InferLimits {
+            request_timeout: self.request_timeout,
+            max_image_pixels: self.max_image_pixels,
+            load_truncated_images: self.load_truncated_images,
+            max_batch_size: self.max_batch_size,
+        }
+    }
+
     /// From `serve`'s flags; a batch request may carry up to one forward pass of images.
     pub fn from_args(args: &ServeArgs) -> Self {
         let max_batch_size = args.max_batch_size as usize;
@@ -107,8 +117,12 @@ pub async fn run<M: Classifier>(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    let listeners = Listeners {
+        http: listener,
+        grpc: None,
+    };
     run_with_limits(
-        listener,
+        listeners,
         model,
         info,
         config,
@@ -118,9 +132,17 @@ pub async fn run<M: Classifier>(
     .await
 }
 
-/// [`run`] with the given connection cap, header timeout and drain bound.
+/// Where the server listens: HTTP, and gRPC unless it is turned off.
+#[derive(Debug)]
+pub struct Listeners {
+    pub http: TcpListener,
+    pub grpc: Option<TcpListener>,
+}
+
+/// [`run`] on HTTP and optionally gRPC, with the given connection cap, header timeout and drain
+/// bound.
 pub async fn run_with_limits<M: Classifier>(
-    listener: TcpListener,
+    listeners: Listeners,
     model: M,
     info: ModelInfo,
     config: ServerConfig,
@@ -140,14 +162,24 @@ pub async fn run_with_limits<M: Classifier>(
     let (batcher, batcher_task, warmed_up) =
         Batcher::start(model, batcher_config, metrics.batch(), readiness.clone())
             .map_err(ServerError::Spawn)?;
-    let decoders = crate::http::limits::decode_slots() as usize;
+    let inference = Inference::new(batcher, info, readiness.clone(), config.infer_limits());
+    let grpc = listeners.grpc.map(|listener| {
+        let options = GrpcOptions {
+            max_message_bytes: config.max_body_bytes,
+            api_key: config.access.api_key.clone(),
+            shutdown_timeout: limits.shutdown_timeout,
+        };
+        tokio::spawn(grpc::serve(
+            listener,
+            inference.clone(),
+            metrics.clone(),
+            options,
+        ))
+    });
     let app = router(AppState {
-        batcher,
-        model: Arc::new(info),
+        inference,
         config: Arc::new(config),
         metrics: metrics.clone(),
-        readiness: readiness.clone(),
-        decode_slots: Arc::new(Semaphore::new(decoders)),
     });
 
     let upkeep_metrics = metrics.clone();
@@ -171,7 +203,14 @@ pub async fn run_with_limits<M: Classifier>(
         }
         drain_readiness.set_draining();
     };
-    connections::serve(listener, app, limits, stop).await;
+    connections::serve(listeners.http, app, limits, stop).await;
+    if let Some(grpc) = grpc {
+        match grpc.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "the gRPC server failed"),
+            Err(e) => tracing::error!(error = %e, "the gRPC server task failed"),
+        }
+    }
     // Every handler (and with it every queue sender) is gone: the queue drains and closes.
     batcher_task.finish().await;
     upkeep.abort();

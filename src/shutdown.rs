@@ -1,8 +1,9 @@
 //! The service's lifecycle: readiness (starting, ready, draining) and the signals that start a
 //! graceful shutdown.
 
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
+
+use tokio::sync::watch;
 
 /// Where the service is in its life, as `/health/ready` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,9 +16,10 @@ pub enum Phase {
     Draining,
 }
 
-/// The current [`Phase`], shared by the model worker, the server and the handlers.
+/// The current [`Phase`], shared by the model worker, the server and the handlers; changes can be
+/// watched ([`Readiness::subscribe`]), which the gRPC health service follows.
 #[derive(Debug, Clone)]
-pub struct Readiness(Arc<AtomicU8>);
+pub struct Readiness(Arc<watch::Sender<Phase>>);
 
 impl Default for Readiness {
     fn default() -> Self {
@@ -27,29 +29,35 @@ impl Default for Readiness {
 
 impl Readiness {
     pub fn new() -> Self {
-        Self(Arc::new(AtomicU8::new(Phase::Starting as u8)))
+        Self(Arc::new(watch::Sender::new(Phase::Starting)))
     }
 
     pub fn phase(&self) -> Phase {
-        match self.0.load(Ordering::Acquire) {
-            0 => Phase::Starting,
-            1 => Phase::Ready,
-            _ => Phase::Draining,
-        }
+        *self.0.borrow()
     }
 
     /// Starting -> Ready; a server already draining stays draining.
     pub fn set_ready(&self) {
-        let _ = self.0.compare_exchange(
-            Phase::Starting as u8,
-            Phase::Ready as u8,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
+        self.0.send_if_modified(|phase| {
+            let starting = *phase == Phase::Starting;
+            if starting {
+                *phase = Phase::Ready;
+            }
+            starting
+        });
     }
 
     pub fn set_draining(&self) {
-        self.0.store(Phase::Draining as u8, Ordering::Release);
+        self.0.send_if_modified(|phase| {
+            let changed = *phase != Phase::Draining;
+            *phase = Phase::Draining;
+            changed
+        });
+    }
+
+    /// A receiver that sees every later change of phase.
+    pub fn subscribe(&self) -> watch::Receiver<Phase> {
+        self.0.subscribe()
     }
 }
 

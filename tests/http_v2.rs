@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http_util::{argmax, client, png_from_chw, seed_model, TestServer};
 use resnet_serve::cli::eval::{load_reference, LabelledImages};
-use resnet_serve::http::types::ModelInfo;
+use resnet_serve::infer::ModelInfo;
 use resnet_serve::preprocess::normalize_chw;
 use resnet_serve::server::ServerConfig;
 use serde_json::{json, Value};

@@ -183,13 +183,27 @@ pub async fn require_api_key(
         return next.run(request).await;
     }
     let header = request.headers().get(header::AUTHORIZATION);
-    match header.and_then(|v| bearer_token(v.as_bytes())) {
-        Some(token) if key.matches(token) => next.run(request).await,
-        Some(_) => ApiError::Unauthorized("the API key is not valid".into()).into_response(),
-        None => ApiError::Unauthorized(
-            "this route needs the API key: send the header `Authorization: Bearer <key>`".into(),
-        )
-        .into_response(),
+    match check_bearer(key, header.map(|v| v.as_bytes())) {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => ApiError::Unauthorized(refusal.to_string()).into_response(),
+    }
+}
+
+/// Why a request without the right API key is refused, for every protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KeyRefusal {
+    #[error("this route needs the API key: send the header `Authorization: Bearer <key>`")]
+    Missing,
+    #[error("the API key is not valid")]
+    Invalid,
+}
+
+/// Checks an `Authorization` value (HTTP header or gRPC metadata) against `key`.
+pub fn check_bearer(key: &ApiKey, authorization: Option<&[u8]>) -> Result<(), KeyRefusal> {
+    match authorization.and_then(bearer_token) {
+        Some(token) if key.matches(token) => Ok(()),
+        Some(_) => Err(KeyRefusal::Invalid),
+        None => Err(KeyRefusal::Missing),
     }
 }
 

@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
-use crate::batcher::BatchError;
+use crate::infer::InferError;
 use crate::preprocess::PreprocessError;
 
 /// Seconds a client told `overloaded` should wait before retrying.
@@ -97,28 +97,11 @@ impl ApiError {
 
     /// A preprocessing failure; `image` numbers the image (from 0) in a multi-image request.
     pub fn from_preprocess(error: PreprocessError, image: Option<usize>) -> Self {
-        let message = match image {
-            Some(i) => format!("image {i}: {error}"),
-            None => error.to_string(),
-        };
-        match error {
-            PreprocessError::Empty => Self::BadRequest(message),
-            PreprocessError::UnsupportedFormat(_) => Self::UnsupportedMediaType(message),
-            PreprocessError::TooManyPixels { .. } => Self::PayloadTooLarge(message),
-            PreprocessError::Decode(_) | PreprocessError::Truncated(_) => {
-                Self::InvalidImage(message)
-            }
+        InferError::Image {
+            index: image,
+            error,
         }
-    }
-
-    /// A batching failure, for a request whose deadline is `timeout_ms` after arrival.
-    pub fn from_batch(error: BatchError, timeout_ms: u64) -> Self {
-        match error {
-            BatchError::Overloaded { capacity } => Self::Overloaded { capacity },
-            BatchError::Timeout => Self::Timeout { ms: timeout_ms },
-            BatchError::Inference(e) => Self::Internal(format!("the forward pass failed: {e}")),
-            BatchError::Stopped => Self::ShuttingDown,
-        }
+        .into()
     }
 
     /// Whether this error says that the request body exceeded the size limit.
@@ -163,6 +146,30 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(name, value);
         }
         response
+    }
+}
+
+/// The inference layer's errors as HTTP sees them: the one place their status codes are chosen.
+impl From<InferError> for ApiError {
+    fn from(error: InferError) -> Self {
+        let message = error.to_string();
+        match error {
+            InferError::InvalidInput(_) => Self::BadRequest(message),
+            InferError::UnknownModel { .. } => Self::NotFound(message),
+            InferError::Image { error, .. } => match error {
+                PreprocessError::Empty => Self::BadRequest(message),
+                PreprocessError::UnsupportedFormat(_) => Self::UnsupportedMediaType(message),
+                PreprocessError::TooManyPixels { .. } => Self::PayloadTooLarge(message),
+                PreprocessError::Decode(_) | PreprocessError::Truncated(_) => {
+                    Self::InvalidImage(message)
+                }
+            },
+            InferError::Overloaded { capacity } => Self::Overloaded { capacity },
+            InferError::NotReady => Self::NotReady,
+            InferError::ShuttingDown => Self::ShuttingDown,
+            InferError::Timeout { ms } => Self::Timeout { ms },
+            InferError::Internal(_) => Self::Internal(message),
+        }
     }
 }
 

@@ -18,16 +18,13 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post, MethodRouter};
 use axum::Router;
-use tokio::sync::Semaphore;
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
-use crate::batcher::Batcher;
+use crate::infer::Inference;
 use crate::metrics::Metrics;
 use crate::server::ServerConfig;
-use crate::shutdown::Readiness;
-use types::ModelInfo;
 
 /// The header that carries each request's id (set when the client sends none, echoed back).
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -35,13 +32,10 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Everything the handlers share.
 #[derive(Debug, Clone)]
 pub struct AppState {
-    pub batcher: Batcher,
-    pub model: Arc<ModelInfo>,
+    /// The inference layer: readiness, deadlines, admission, decoding and the batcher.
+    pub inference: Inference,
     pub config: Arc<ServerConfig>,
     pub metrics: Arc<Metrics>,
-    pub readiness: Readiness,
-    /// Bounds concurrent image decoding (CPU and memory) to the cores available.
-    pub decode_slots: Arc<Semaphore>,
 }
 
 /// Every route the API serves: the router is built from this list, and the OpenAPI test
@@ -214,7 +208,9 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
-    use crate::batcher::{BatchPolicy, BatcherConfig, Classifier, ForwardError};
+    use crate::batcher::{BatchPolicy, Batcher, BatcherConfig, Classifier, ForwardError};
+    use crate::infer::ModelInfo;
+    use crate::shutdown::Readiness;
 
     struct Uniform;
 
@@ -272,13 +268,11 @@ mod tests {
         };
         let (batcher, task, warmed_up) =
             Batcher::start(Uniform, batcher_config, metrics.batch(), readiness.clone()).unwrap();
+        let inference = Inference::new(batcher, info(), readiness.clone(), config.infer_limits());
         let app = router(AppState {
-            batcher,
-            model: Arc::new(info()),
+            inference,
             config: Arc::new(config),
             metrics,
-            readiness: readiness.clone(),
-            decode_slots: Arc::new(Semaphore::new(1)),
         });
         warmed_up.await.unwrap().unwrap();
         assert_eq!(ready_status(&app).await.0, StatusCode::OK);

@@ -6,17 +6,13 @@ use axum::extract::{FromRequest, Multipart, Query, Request, State};
 use axum::http::{header, HeaderMap, Method, Uri};
 use axum::response::IntoResponse;
 use axum::Json;
-use tokio::time::Instant;
 
 use super::error::ApiError;
 use super::types::{
     BatchClassification, BatchingInfo, Classification, ClassifyParams, Health, ModelResponse,
 };
 use super::{AppState, Endpoint};
-use crate::batcher::saturating_add;
-use crate::model::IMAGE_FLOATS;
-use crate::preprocess::{preprocess_with, DecodeOptions};
-use crate::shutdown::Phase;
+use crate::infer::{Deadline, ModelInput};
 
 /// The OpenAPI description of this API.
 pub const OPENAPI_YAML: &str = include_str!("../../openapi.yaml");
@@ -32,10 +28,11 @@ pub async fn classify(
     query: QueryPairs,
     request: Request,
 ) -> Result<Json<Classification>, ApiError> {
-    let deadline = saturating_add(Instant::now(), state.config.request_timeout);
-    let params = ClassifyParams::parse(&query?.0, state.model.num_classes)?;
-    ensure_accepting(&state)?;
-    within(&state, deadline, async {
+    let inference = &state.inference;
+    let deadline = inference.deadline(None);
+    let params = ClassifyParams::parse(&query?.0, inference.model().num_classes)?;
+    inference.check_accepting()?;
+    inference.within(deadline, async {
         let image = match body_kind(request.headers())? {
             BodyKind::Raw => Bytes::from_request(request, &state).await?,
             BodyKind::Multipart => {
@@ -65,29 +62,31 @@ pub async fn classify_batch(
     query: QueryPairs,
     request: Request,
 ) -> Result<Json<BatchClassification>, ApiError> {
-    let deadline = saturating_add(Instant::now(), state.config.request_timeout);
-    let params = ClassifyParams::parse(&query?.0, state.model.num_classes)?;
-    ensure_accepting(&state)?;
-    within(&state, deadline, async {
-        match body_kind(request.headers())? {
-            BodyKind::Multipart => {}
-            BodyKind::Raw => {
-                return Err(ApiError::UnsupportedMediaType(format!(
+    let inference = &state.inference;
+    let deadline = inference.deadline(None);
+    let params = ClassifyParams::parse(&query?.0, inference.model().num_classes)?;
+    inference.check_accepting()?;
+    inference
+        .within(deadline, async {
+            match body_kind(request.headers())? {
+                BodyKind::Multipart => {}
+                BodyKind::Raw => {
+                    return Err(ApiError::UnsupportedMediaType(format!(
                 "/classify/batch takes multipart/form-data with one or more `{IMAGE_FIELD}` fields"
             )))
+                }
             }
-        }
-        let max = state.config.max_images_per_request;
-        let images = image_fields(&state, request, max).await?;
-        if images.len() > max {
-            return Err(ApiError::BadRequest(format!(
-                "at most {max} `{IMAGE_FIELD}` fields per request"
-            )));
-        }
-        let results = classify_images(&state, images, &params, deadline).await?;
-        Ok(Json(BatchClassification { results }))
-    })
-    .await
+            let max = state.config.max_images_per_request;
+            let images = image_fields(&state, request, max).await?;
+            if images.len() > max {
+                return Err(ApiError::BadRequest(format!(
+                    "at most {max} `{IMAGE_FIELD}` fields per request"
+                )));
+            }
+            let results = classify_images(&state, images, &params, deadline).await?;
+            Ok(Json(BatchClassification { results }))
+        })
+        .await
 }
 
 /// `GET /health/live`.
@@ -99,13 +98,10 @@ pub async fn live() -> Json<Health> {
 
 /// `GET /health/ready`: 200 once the warm-up forward pass succeeded, 503 before and while draining.
 pub async fn ready(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
-    match state.readiness.phase() {
-        Phase::Starting => Err(ApiError::NotReady),
-        Phase::Ready => Ok(Json(Health {
-            status: "ready".into(),
-        })),
-        Phase::Draining => Err(ApiError::ShuttingDown),
-    }
+    state.inference.check_ready()?;
+    Ok(Json(Health {
+        status: "ready".into(),
+    }))
 }
 
 /// `GET /metrics`: Prometheus text format.
@@ -123,7 +119,7 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 pub async fn model(State(state): State<AppState>) -> Json<ModelResponse> {
     let c = &state.config;
     Json(ModelResponse {
-        model: (*state.model).clone(),
+        model: state.inference.model().clone(),
         batching: BatchingInfo {
             max_batch_size: c.max_batch_size,
             max_batch_delay_ms: duration_ms(c.max_batch_delay),
@@ -162,31 +158,6 @@ pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 
 pub(super) fn duration_ms(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// Classify requests are refused only before the model is warm; while draining, requests
-/// that reached a handler are still served.
-pub(super) fn ensure_accepting(state: &AppState) -> Result<(), ApiError> {
-    match state.readiness.phase() {
-        Phase::Starting => Err(ApiError::NotReady),
-        Phase::Ready | Phase::Draining => Ok(()),
-    }
-}
-
-/// Runs `work` until `deadline`: reading the body, decoding, queueing and the forward pass
-/// all count against it.
-pub(super) async fn within<T>(
-    state: &AppState,
-    deadline: Instant,
-    work: impl std::future::Future<Output = Result<T, ApiError>>,
-) -> Result<T, ApiError> {
-    tokio::time::timeout_at(deadline, work)
-        .await
-        .unwrap_or_else(|_| {
-            Err(ApiError::Timeout {
-                ms: duration_ms(state.config.request_timeout),
-            })
-        })
 }
 
 enum BodyKind {
@@ -257,59 +228,15 @@ async fn classify_images(
     state: &AppState,
     images: Vec<Bytes>,
     params: &ClassifyParams,
-    deadline: Instant,
+    deadline: Deadline,
 ) -> Result<Vec<Classification>, ApiError> {
-    let logits = image_logits(state, images, deadline).await?;
-    let classes = state.model.num_classes;
+    let logits = state
+        .inference
+        .logits(ModelInput::Images(images), deadline)
+        .await?;
+    let labels = &state.inference.model().labels;
     Ok(logits
-        .chunks_exact(classes)
-        .map(|row| Classification::from_logits(row, &state.model.labels, params))
+        .rows()
+        .map(|row| Classification::from_logits(row, labels, params))
         .collect())
-}
-
-/// Admits, decodes and queues `images`: their logits, `classes` per image, in order.
-pub(super) async fn image_logits(
-    state: &AppState,
-    images: Vec<Bytes>,
-    deadline: Instant,
-) -> Result<Vec<f32>, ApiError> {
-    let timeout_ms = duration_ms(state.config.request_timeout);
-    let n = images.len();
-    // Slots first: a full queue is refused before any decoding work.
-    let admission = state
-        .batcher
-        .admit(n)
-        .map_err(|e| ApiError::from_batch(e, timeout_ms))?;
-    // Large images take more of the decode slots (the semaphore holds `limits::decode_slots()`).
-    let decode_slot = state
-        .decode_slots
-        .clone()
-        .acquire_many_owned(super::limits::decode_permits(
-            &images,
-            state.config.max_image_pixels,
-        ))
-        .await
-        .map_err(|e| ApiError::Internal(format!("decoder pool closed: {e}")))?;
-    let (mean, std) = (state.model.mean, state.model.std);
-    let options = DecodeOptions {
-        max_pixels: state.config.max_image_pixels,
-        load_truncated: state.config.load_truncated_images,
-    };
-    let pixels = tokio::task::spawn_blocking(move || {
-        let _slot = decode_slot;
-        let mut pixels = Vec::with_capacity(n * IMAGE_FLOATS);
-        for (i, bytes) in images.iter().enumerate() {
-            let image = preprocess_with(bytes, &mean, &std, &options)
-                .map_err(|e| ApiError::from_preprocess(e, (n > 1).then_some(i)))?;
-            pixels.extend_from_slice(&image);
-        }
-        Ok::<_, ApiError>(pixels)
-    })
-    .await
-    .map_err(|e| ApiError::Internal(format!("image decoding failed: {e}")))??;
-    state
-        .batcher
-        .submit(admission, pixels, deadline)
-        .await
-        .map_err(|e| ApiError::from_batch(e, timeout_ms))
 }

@@ -1,11 +1,11 @@
-//! Request parameters and response bodies of the API, and the model description it serves.
+//! Request parameters and response bodies of the API.
 
 use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use crate::model::{Model, INPUT_CHANNELS, INPUT_SIZE};
+use crate::infer::{scores, ModelInfo};
 
 /// `top_k` when the query leaves it out (capped at the number of classes).
 pub const DEFAULT_TOP_K: usize = 5;
@@ -94,24 +94,20 @@ pub struct Classification {
 impl Classification {
     /// Softmax over one row of logits, ranked; ties keep the lower class index first.
     pub fn from_logits(logits: &[f32], labels: &[String], params: &ClassifyParams) -> Self {
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let exps: Vec<f64> = logits.iter().map(|&l| f64::from(l - max).exp()).collect();
-        let total: f64 = exps.iter().sum();
-        let mut ranked: Vec<usize> = (0..logits.len()).collect();
-        ranked.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        let probabilities = scores::softmax(logits);
         let label = |i: usize| {
             labels
                 .get(i)
                 .cloned()
                 .unwrap_or_else(|| format!("class_{i}"))
         };
-        let top_k: Vec<Prediction> = ranked
-            .iter()
+        let top_k: Vec<Prediction> = scores::ranked(logits)
+            .into_iter()
             .take(params.top_k.max(1))
-            .map(|&i| Prediction {
+            .map(|i| Prediction {
                 label: label(i),
                 class_index: i,
-                probability: (exps[i] / total) as f32,
+                probability: probabilities[i],
             })
             .collect();
         let best = top_k.first().cloned().unwrap_or(Prediction {
@@ -139,65 +135,6 @@ pub struct BatchClassification {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
     pub status: String,
-}
-
-/// What the served model is: shown by `/v1/model` and the `resnet_model_info` labels.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ModelInfo {
-    pub name: String,
-    pub depth: usize,
-    /// `projection` or `zero_pad`.
-    pub shortcut: String,
-    pub conv_bias: bool,
-    /// Learned parameters (batch-norm running statistics excluded).
-    pub parameter_count: usize,
-    pub num_classes: usize,
-    pub labels: Vec<String>,
-    /// `[channels, height, width]` of the network input.
-    pub input_shape: [usize; 3],
-    pub mean: [f32; 3],
-    pub std: [f32; 3],
-    pub device: String,
-    pub engine: String,
-    /// Provenance from the weights file, if any.
-    pub source: Option<String>,
-    /// Which weights are served: `embedded` or a file (with its path), and their sha256.
-    pub weights: crate::model::WeightsOrigin,
-}
-
-impl ModelInfo {
-    pub fn from_model(model: &Model) -> Self {
-        let spec = &model.spec;
-        let meta = &model.metadata;
-        Self {
-            name: meta.name.clone(),
-            depth: spec.depth(),
-            shortcut: spec.shortcut.as_str().into(),
-            conv_bias: spec.conv_bias,
-            parameter_count: spec.parameter_count(),
-            num_classes: spec.num_classes,
-            labels: meta.labels.clone(),
-            input_shape: [INPUT_CHANNELS, INPUT_SIZE, INPUT_SIZE],
-            mean: meta.mean,
-            std: meta.std,
-            device: crate::model::device_name(model.device()),
-            engine: model.engine_name(),
-            source: meta.source.clone(),
-            weights: model.weights.clone(),
-        }
-    }
-
-    /// The labels of the `resnet_model_info` gauge.
-    pub fn metric_labels(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("name", self.name.clone()),
-            ("device", self.device.clone()),
-            ("engine", self.engine.clone()),
-            ("depth", self.depth.to_string()),
-            ("shortcut", self.shortcut.clone()),
-            ("classes", self.num_classes.to_string()),
-        ]
-    }
 }
 
 /// How requests are batched and bounded, as `/v1/model` reports it.

@@ -73,7 +73,9 @@ pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_resnet-serve"))
 }
 
-/// `binary` with no `RESNET_*` variables from the test's environment leaking into its settings.
+/// `binary` with no `RESNET_*` variables from the test's environment leaking into its settings,
+/// and the gRPC port off: its fixed default would collide between servers the tests run at once
+/// (a test that wants gRPC passes `--grpc-port` with a free port).
 pub fn command_without_resnet_env(binary: &Path) -> std::process::Command {
     let mut command = std::process::Command::new(binary);
     for (key, _) in std::env::vars_os() {
@@ -81,6 +83,7 @@ pub fn command_without_resnet_env(binary: &Path) -> std::process::Command {
             command.env_remove(key);
         }
     }
+    command.env("RESNET_GRPC_PORT", "0");
     command
 }
 

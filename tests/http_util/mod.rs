@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use resnet_serve::batcher::{Classifier, ForwardError};
 use resnet_serve::config::{DeviceChoice, EngineChoice, ModelArgs, SimdChoice};
 use resnet_serve::connections::ConnectionLimits;
-use resnet_serve::http::types::ModelInfo;
+use resnet_serve::infer::ModelInfo;
 use resnet_serve::model::Model;
 use resnet_serve::server::{self, ServerConfig, ServerError};
 
@@ -50,7 +50,18 @@ impl TestServer {
                 let shutdown = async {
                     let _ = stop_rx.await;
                 };
-                server::run_with_limits(listener, model, info, config, limits, shutdown).await
+                server::run_with_limits(
+                    server::Listeners {
+                        http: listener,
+                        grpc: None,
+                    },
+                    model,
+                    info,
+                    config,
+                    limits,
+                    shutdown,
+                )
+                .await
             })
         });
         let addr = addr_rx.recv().expect("the server binds");

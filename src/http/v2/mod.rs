@@ -10,19 +10,16 @@ use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use tokio::time::Instant;
 
 use super::error::ApiError;
-use super::routes::{duration_ms, ensure_accepting, image_logits, within};
 use super::AppState;
-use crate::batcher::saturating_add;
-use crate::shutdown::Phase;
-use tensor::{Batch, InferRequest, InferResponse, OutputSize, ResponseOutput};
+use crate::infer::tensor::{input_specs, output_specs, TensorSpec, OUTPUT_PROBABILITIES};
+use crate::infer::Logits;
+use tensor::{InferRequest, InferResponse, OutputSize, ResponseOutput};
 
 /// Carries the JSON header's length in binary tensor data requests and responses.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
-/// The one version of the served model.
-pub const MODEL_VERSION: &str = "1";
+pub use crate::infer::tensor::MODEL_VERSION;
 
 /// An [`ApiError`] in the protocol's shape `{"error": "..."}`: status and headers (such as
 /// `Retry-After`) are those of the rest of the API.
@@ -108,7 +105,7 @@ pub async fn live() -> Json<Live> {
 
 /// `GET /v2/health/ready`: as `/health/ready`.
 pub async fn ready(State(state): State<AppState>) -> Result<Json<Ready>, V2Error> {
-    serving(&state)?;
+    state.inference.check_ready()?;
     Ok(Json(Ready { ready: true }))
 }
 
@@ -117,26 +114,25 @@ pub async fn model_metadata(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<ModelMetadata>, V2Error> {
-    known_model(&state, &name)?;
-    let tensor = |name: &str, datatype: &str, shape: Vec<i64>| TensorMetadata {
-        name: name.into(),
-        datatype: datatype.into(),
-        shape,
+    let inference = &state.inference;
+    inference.check_model(&name)?;
+    let model = inference.model();
+    let described = |specs: Vec<TensorSpec>| {
+        specs
+            .into_iter()
+            .map(|spec| TensorMetadata {
+                name: spec.name.into(),
+                datatype: spec.datatype.into(),
+                shape: spec.shape,
+            })
+            .collect()
     };
-    let [c, h, w] = state.model.input_shape.map(|d| d as i64);
-    let classes = state.model.num_classes as i64;
     Ok(Json(ModelMetadata {
-        name: state.model.name.clone(),
+        name: model.name.clone(),
         versions: vec![MODEL_VERSION.into()],
-        platform: format!("resnet-serve_{}", state.model.engine),
-        inputs: vec![
-            tensor(tensor::INPUT_PIXELS, "FP32", vec![-1, c, h, w]),
-            tensor(tensor::INPUT_IMAGES, "BYTES", vec![-1]),
-        ],
-        outputs: tensor::OUTPUTS
-            .iter()
-            .map(|n| tensor(n, "FP32", vec![-1, classes]))
-            .collect(),
+        platform: model.platform(),
+        inputs: described(input_specs(model)),
+        outputs: described(output_specs(model)),
     }))
 }
 
@@ -145,10 +141,10 @@ pub async fn model_ready(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<ModelReady>, V2Error> {
-    known_model(&state, &name)?;
-    serving(&state)?;
+    state.inference.check_model(&name)?;
+    state.inference.check_ready()?;
     Ok(Json(ModelReady {
-        name: state.model.name.clone(),
+        name: state.inference.model().name.clone(),
         ready: true,
     }))
 }
@@ -159,22 +155,23 @@ pub async fn infer(
     Path(name): Path<String>,
     request: Request,
 ) -> Result<Response, V2Error> {
-    let deadline = saturating_add(Instant::now(), state.config.request_timeout);
-    known_model(&state, &name)?;
-    ensure_accepting(&state)?;
-    let response = within(&state, deadline, async {
-        let header_length = header_length(request.headers())?;
-        let body = Bytes::from_request(request, &state).await?;
-        let (json, binary) = tensor::split_body(&body, header_length.as_deref())?;
-        let request: InferRequest = serde_json::from_slice(&json)
-            .map_err(|e| ApiError::BadRequest(format!("malformed inference request: {e}")))?;
-        let outputs = tensor::requested_outputs(&request)?;
-        let batch = tensor::parse_inputs(&request, &binary, state.config.max_batch_size)?;
-        let n = batch.len();
-        let logits = logits(&state, batch, deadline).await?;
-        Ok(answer(&state, request.id, n, &logits, &outputs))
-    })
-    .await?;
+    let inference = &state.inference;
+    let deadline = inference.deadline(None);
+    inference.check_model(&name)?;
+    inference.check_accepting()?;
+    let response = inference
+        .within(deadline, async {
+            let header_length = header_length(request.headers())?;
+            let body = Bytes::from_request(request, &state).await?;
+            let (json, binary) = tensor::split_body(&body, header_length.as_deref())?;
+            let request: InferRequest = serde_json::from_slice(&json)
+                .map_err(|e| ApiError::BadRequest(format!("malformed inference request: {e}")))?;
+            let outputs = tensor::requested_outputs(&request)?;
+            let input = tensor::parse_inputs(&request, &binary, inference.limits().max_batch_size)?;
+            let logits = inference.logits(input, deadline).await?;
+            Ok::<_, ApiError>(answer(&state, request.id, &logits, &outputs))
+        })
+        .await?;
     Ok(response)
 }
 
@@ -189,60 +186,21 @@ fn header_length(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         .transpose()
 }
 
-fn known_model(state: &AppState, name: &str) -> Result<(), ApiError> {
-    if name == state.model.name {
-        Ok(())
-    } else {
-        Err(ApiError::NotFound(format!(
-            "unknown model {name:?}; this server serves {:?}",
-            state.model.name
-        )))
-    }
-}
-
-fn serving(state: &AppState) -> Result<(), ApiError> {
-    match state.readiness.phase() {
-        Phase::Starting => Err(ApiError::NotReady),
-        Phase::Ready => Ok(()),
-        Phase::Draining => Err(ApiError::ShuttingDown),
-    }
-}
-
-/// Logits for every image of `batch`; FP32 inputs skip decoding.
-async fn logits(state: &AppState, batch: Batch, deadline: Instant) -> Result<Vec<f32>, ApiError> {
-    let timeout_ms = duration_ms(state.config.request_timeout);
-    match batch {
-        Batch::Images(images) => image_logits(state, images, deadline).await,
-        Batch::Pixels { pixels, n } => {
-            let admission = state
-                .batcher
-                .admit(n)
-                .map_err(|e| ApiError::from_batch(e, timeout_ms))?;
-            state
-                .batcher
-                .submit(admission, pixels, deadline)
-                .await
-                .map_err(|e| ApiError::from_batch(e, timeout_ms))
-        }
-    }
-}
-
 /// The infer response: JSON, or JSON then the binary outputs' little-endian bytes.
 fn answer(
     state: &AppState,
     id: Option<String>,
-    n: usize,
-    logits: &[f32],
+    logits: &Logits,
     outputs: &[(&'static str, bool)],
 ) -> Response {
-    let classes = state.model.num_classes;
+    let (n, classes) = (logits.len(), logits.classes());
     let mut binary = Vec::new();
     let mut described = Vec::with_capacity(outputs.len());
     for &(name, as_binary) in outputs {
-        let values = if name == tensor::OUTPUT_PROBABILITIES {
-            tensor::softmax_rows(logits, classes)
+        let values = if name == OUTPUT_PROBABILITIES {
+            logits.probabilities()
         } else {
-            logits.to_vec()
+            logits.values().to_vec()
         };
         let (parameters, data) = if as_binary {
             let size = values.len() * 4;
@@ -265,7 +223,7 @@ fn answer(
         });
     }
     let response = InferResponse {
-        model_name: state.model.name.clone(),
+        model_name: state.inference.model().name.clone(),
         model_version: MODEL_VERSION.into(),
         id,
         outputs: described,

@@ -1,7 +1,7 @@
-//! Open Inference Protocol tensors: the JSON request and response bodies, `data` flattened
-//! from nested arrays, the binary tensor data extension, and base64 for JSON BYTES elements.
+//! Open Inference Protocol tensors over REST: the JSON request and response bodies, `data`
+//! flattened from nested arrays, the binary tensor data extension, and base64 for JSON BYTES
+//! elements; what a tensor must be for the model is checked by [`crate::infer::tensor`].
 
-use std::collections::HashSet;
 use std::fmt;
 
 use axum::body::Bytes;
@@ -9,16 +9,8 @@ use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::http::error::ApiError;
-use crate::model::{INPUT_CHANNELS, INPUT_SIZE};
-
-/// The FP32 input: normalised images, `[N, 3, 32, 32]`, row-major.
-pub const INPUT_PIXELS: &str = "input";
-/// The BYTES input: encoded images (PNG, JPEG, ...), `[N]`.
-pub const INPUT_IMAGES: &str = "image_bytes";
-/// The outputs, both FP32 `[N, classes]`.
-pub const OUTPUT_LOGITS: &str = "logits";
-pub const OUTPUT_PROBABILITIES: &str = "probabilities";
-pub const OUTPUTS: [&str; 2] = [OUTPUT_LOGITS, OUTPUT_PROBABILITIES];
+use crate::infer::tensor::{model_input, output_names, Contents, InputTensor};
+use crate::infer::ModelInput;
 
 /// The body of `POST /v2/models/{model_name}/infer` (the JSON part, with the binary extension).
 #[derive(Debug, Clone, Deserialize)]
@@ -172,28 +164,6 @@ impl<'de> Deserialize<'de> for TensorData {
     }
 }
 
-/// The images of a request, ready for the batcher.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Batch {
-    /// `n * [3, 32, 32]` normalised floats.
-    Pixels { pixels: Vec<f32>, n: usize },
-    /// Encoded images, decoded and normalised like `/classify` uploads.
-    Images(Vec<Bytes>),
-}
-
-impl Batch {
-    pub fn len(&self) -> usize {
-        match self {
-            Self::Pixels { n, .. } => *n,
-            Self::Images(images) => images.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 fn bad(message: impl Into<String>) -> ApiError {
     ApiError::BadRequest(message.into())
 }
@@ -218,154 +188,81 @@ pub fn split_body(body: &Bytes, header_length: Option<&str>) -> Result<(Bytes, B
     Ok((body.slice(..length), body.slice(length..)))
 }
 
-/// Reads the one input of `request` into a [`Batch`] of at most `max_batch` images, taking
+/// Reads the inputs of `request` into [`ModelInput`] of at most `max_batch` images, taking
 /// binary tensor data from `binary`, all of which must be used.
 pub fn parse_inputs(
     request: &InferRequest,
     binary: &Bytes,
     max_batch: usize,
-) -> Result<Batch, ApiError> {
-    let input = match request.inputs.as_slice() {
-        [one] => one,
-        inputs => {
-            return Err(bad(format!(
-            "expected exactly one input (`{INPUT_PIXELS}` FP32 or `{INPUT_IMAGES}` BYTES), got {}",
-            inputs.len()
-        )))
-        }
-    };
-    let batch = match input.name.as_str() {
-        INPUT_PIXELS => {
-            expect_datatype(input, "FP32")?;
-            let n = batch_size(input, &[INPUT_CHANNELS, INPUT_SIZE, INPUT_SIZE], max_batch)?;
-            let count = element_count(&input.shape)?;
-            let pixels = match source(input, binary)? {
-                Source::Json(TensorData::Numbers(values)) => values,
-                Source::Json(TensorData::Strings(_)) => {
-                    return Err(bad(format!(
-                        "input `{INPUT_PIXELS}` is FP32 but `data` holds strings"
-                    )))
-                }
-                Source::Binary(bytes) => fp32_from_le(&bytes, count)?,
-            };
-            if pixels.len() != count {
-                return Err(bad(format!(
-                    "input `{INPUT_PIXELS}` has shape {:?} ({count} values) but {} values",
-                    input.shape,
-                    pixels.len()
-                )));
-            }
-            Batch::Pixels { pixels, n }
-        }
-        INPUT_IMAGES => {
-            expect_datatype(input, "BYTES")?;
-            let n = batch_size(input, &[], max_batch)?;
-            let images = match source(input, binary)? {
-                Source::Json(TensorData::Strings(texts)) => texts
-                    .iter()
-                    .enumerate()
-                    .map(|(i, t)| {
-                        decode_base64(t).map(Bytes::from).map_err(|e| {
-                            bad(format!("input `{INPUT_IMAGES}` element {i}: {e}"))
-                        })
-                    })
-                    .collect::<Result<Vec<_>, _>>()?,
-                Source::Json(TensorData::Numbers(v)) if v.is_empty() => Vec::new(),
-                Source::Json(TensorData::Numbers(_)) => {
-                    return Err(bad(format!(
-                        "input `{INPUT_IMAGES}` is BYTES: `data` must hold base64 strings"
-                    )))
-                }
-                Source::Binary(bytes) => length_prefixed(&bytes)?,
-            };
-            if images.len() != n {
-                return Err(bad(format!(
-                    "input `{INPUT_IMAGES}` has shape [{n}] but {} elements",
-                    images.len()
-                )));
-            }
-            Batch::Images(images)
-        }
-        other => {
-            return Err(bad(format!(
-                "unknown input {other:?}; the model takes `{INPUT_PIXELS}` (FP32 [-1,3,32,32]) or `{INPUT_IMAGES}` (BYTES [-1])"
-            )))
-        }
-    };
-    let used = input
-        .parameters
-        .as_ref()
-        .and_then(|p| p.binary_data_size)
-        .unwrap_or(0);
+) -> Result<ModelInput, ApiError> {
+    let mut tensors = Vec::with_capacity(request.inputs.len());
+    let mut shapes = Vec::with_capacity(request.inputs.len());
+    let mut used = 0u64;
+    for input in &request.inputs {
+        let shape = input
+            .shape
+            .iter()
+            .map(|&d| i64::try_from(d))
+            .collect::<Result<Vec<i64>, _>>()
+            .map_err(|_| bad(format!("shape {:?} has too many elements", input.shape)))?;
+        shapes.push(shape);
+        let (contents, size) = contents(input, binary, used)?;
+        used = used.saturating_add(size);
+        tensors.push(contents);
+    }
     if used != binary.len() as u64 {
         return Err(bad(format!(
             "the body carries {} bytes of binary tensor data but the inputs declare {used}",
             binary.len()
         )));
     }
-    Ok(batch)
-}
-
-fn expect_datatype(input: &RequestInput, datatype: &str) -> Result<(), ApiError> {
-    if input.datatype == datatype {
-        Ok(())
-    } else {
-        Err(bad(format!(
-            "input `{}` must have datatype {datatype}, got {:?}",
-            input.name, input.datatype
-        )))
-    }
-}
-
-/// The leading dimension, checked against `max_batch`, with the rest of the shape `inner`.
-fn batch_size(input: &RequestInput, inner: &[usize], max_batch: usize) -> Result<usize, ApiError> {
-    let shape_ok = input.shape.len() == inner.len() + 1
-        && input.shape[1..]
-            .iter()
-            .zip(inner)
-            .all(|(&d, &e)| d == e as u64);
-    if !shape_ok {
-        let expected: Vec<String> = std::iter::once("N".to_owned())
-            .chain(inner.iter().map(|d| d.to_string()))
-            .collect();
-        return Err(bad(format!(
-            "input `{}` must have shape [{}], got {:?}",
-            input.name,
-            expected.join(", "),
-            input.shape
-        )));
-    }
-    let n = input.shape[0];
-    if n == 0 || n > max_batch as u64 {
-        return Err(bad(format!(
-            "input `{}` has batch size {n}; it must be from 1 to {max_batch}",
-            input.name
-        )));
-    }
-    usize::try_from(n).map_err(|_| bad("batch size out of range"))
-}
-
-fn element_count(shape: &[u64]) -> Result<usize, ApiError> {
-    shape
+    let tensors = request
+        .inputs
         .iter()
-        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-        .and_then(|n| usize::try_from(n).ok())
-        .ok_or_else(|| bad(format!("shape {shape:?} has too many elements")))
+        .zip(&shapes)
+        .zip(tensors)
+        .map(|((input, shape), contents)| InputTensor {
+            name: &input.name,
+            datatype: &input.datatype,
+            shape,
+            contents,
+        })
+        .collect();
+    Ok(model_input(tensors, max_batch)?)
 }
 
-enum Source {
-    Json(TensorData),
-    Binary(Bytes),
-}
-
-fn source(input: &RequestInput, binary: &Bytes) -> Result<Source, ApiError> {
+/// An input's elements, from `data` or from the binary data at `offset`, and how many binary
+/// bytes it takes.
+fn contents(
+    input: &RequestInput,
+    binary: &Bytes,
+    offset: u64,
+) -> Result<(Contents, u64), ApiError> {
     let size = input.parameters.as_ref().and_then(|p| p.binary_data_size);
     match (&input.data, size) {
-        (Some(data), None) => Ok(Source::Json(data.clone())),
+        (Some(TensorData::Numbers(values)), None) => Ok((Contents::Fp32(values.clone()), 0)),
+        (Some(TensorData::Strings(texts)), None) if input.datatype == "BYTES" => {
+            let images = texts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    decode_base64(t)
+                        .map(Bytes::from)
+                        .map_err(|e| bad(format!("input `{}` element {i}: {e}", input.name)))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((Contents::Bytes(images), 0))
+        }
+        (Some(TensorData::Strings(_)), None) => Err(bad(format!(
+            "input `{}` is {} but `data` holds strings",
+            input.name, input.datatype
+        ))),
         (None, Some(size)) => {
-            let size = usize::try_from(size)
+            let range = usize::try_from(offset)
                 .ok()
-                .filter(|&s| s <= binary.len())
+                .zip(usize::try_from(size).ok())
+                .and_then(|(start, size)| Some(start..start.checked_add(size)?))
+                .filter(|range| range.end <= binary.len())
                 .ok_or_else(|| {
                     bad(format!(
                         "input `{}` declares binary_data_size {size} but the body carries {} bytes of binary data",
@@ -373,7 +270,7 @@ fn source(input: &RequestInput, binary: &Bytes) -> Result<Source, ApiError> {
                         binary.len()
                     ))
                 })?;
-            Ok(Source::Binary(binary.slice(..size)))
+            Ok((Contents::Raw(binary.slice(range)), size))
         }
         (Some(_), Some(_)) => Err(bad(format!(
             "input `{}` has both `data` and `binary_data_size`",
@@ -384,51 +281,6 @@ fn source(input: &RequestInput, binary: &Bytes) -> Result<Source, ApiError> {
             input.name
         ))),
     }
-}
-
-fn fp32_from_le(bytes: &[u8], count: usize) -> Result<Vec<f32>, ApiError> {
-    let expected = count
-        .checked_mul(4)
-        .ok_or_else(|| bad("shape has too many elements"))?;
-    if bytes.len() != expected {
-        return Err(bad(format!(
-            "FP32 binary data of {count} values must be {expected} bytes, got {}",
-            bytes.len()
-        )));
-    }
-    let values: Vec<f32> = bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        return Err(bad(format!("FP32 value {i} is not finite")));
-    }
-    Ok(values)
-}
-
-/// BYTES elements in binary: each a little-endian u32 length, then that many bytes.
-fn length_prefixed(bytes: &Bytes) -> Result<Vec<Bytes>, ApiError> {
-    let mut out = Vec::new();
-    let mut at = 0usize;
-    while at < bytes.len() {
-        let header = bytes.get(at..at + 4).ok_or_else(|| {
-            bad("BYTES binary data ends inside an element's 4-byte length prefix")
-        })?;
-        let length = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let start = at + 4;
-        let end = start
-            .checked_add(length)
-            .filter(|&e| e <= bytes.len())
-            .ok_or_else(|| {
-                bad(format!(
-                    "BYTES element {} declares {length} bytes, past the end of the data",
-                    out.len()
-                ))
-            })?;
-        out.push(bytes.slice(start..end));
-        at = end;
-    }
-    Ok(out)
 }
 
 /// Standard base64 (RFC 4648 alphabet), padding optional.
@@ -471,51 +323,26 @@ pub fn requested_outputs(request: &InferRequest) -> Result<Vec<(&'static str, bo
         .as_ref()
         .and_then(|p| p.binary_data_output)
         .unwrap_or(false);
-    let Some(outputs) = &request.outputs else {
-        return Ok(OUTPUTS.iter().map(|&n| (n, default_binary)).collect());
-    };
-    let mut seen = HashSet::new();
-    outputs
-        .iter()
-        .map(|o| {
-            let name = OUTPUTS
+    let requested = request.outputs.as_deref().unwrap_or_default();
+    let names = output_names(requested.iter().map(|o| o.name.as_str()))?;
+    Ok(names
+        .into_iter()
+        .map(|name| {
+            let binary = requested
                 .iter()
-                .copied()
-                .find(|&n| n == o.name)
-                .ok_or_else(|| {
-                    bad(format!(
-                        "unknown output {:?}; the model answers `{OUTPUT_LOGITS}` and `{OUTPUT_PROBABILITIES}`",
-                        o.name
-                    ))
-                })?;
-            if !seen.insert(name) {
-                return Err(bad(format!("output `{name}` is requested twice")));
-            }
-            let binary = o
-                .parameters
-                .as_ref()
+                .find(|o| o.name == name)
+                .and_then(|o| o.parameters.as_ref())
                 .and_then(|p| p.binary_data)
                 .unwrap_or(default_binary);
-            Ok((name, binary))
+            (name, binary)
         })
-        .collect()
-}
-
-/// Row-wise softmax of `classes`-wide logits, in f64 for stability.
-pub fn softmax_rows(logits: &[f32], classes: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(logits.len());
-    for row in logits.chunks(classes.max(1)) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let exps: Vec<f64> = row.iter().map(|&l| f64::from(l - max).exp()).collect();
-        let total: f64 = exps.iter().sum();
-        out.extend(exps.iter().map(|e| (e / total) as f32));
-    }
-    out
+        .collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::infer::tensor::{OUTPUT_LOGITS, OUTPUT_PROBABILITIES};
 
     fn request(json: &str) -> InferRequest {
         serde_json::from_str(json).unwrap()
@@ -577,7 +404,7 @@ mod tests {
         }
         let body = Bytes::from(body);
         match parse_inputs(&json(body.len()), &body, 4).unwrap() {
-            Batch::Images(images) => assert_eq!(images, [&b"abc"[..], b"de"]),
+            ModelInput::Images(images) => assert_eq!(images, [&b"abc"[..], b"de"]),
             other => panic!("{other:?}"),
         }
         assert!(parse_inputs(&json(body.len() - 1), &body, 4).is_err());
@@ -605,13 +432,5 @@ mod tests {
         assert!(requested_outputs(&r).is_err());
         let r = request(r#"{"inputs":[],"outputs":[{"name":"logits"},{"name":"logits"}]}"#);
         assert!(requested_outputs(&r).is_err());
-    }
-
-    #[test]
-    fn softmax_rows_sum_to_one() {
-        let p = softmax_rows(&[0.0, 0.0, 1000.0, 1.0, 2.0, 3.0], 3);
-        assert!((p[2] - 1.0).abs() < 1e-6);
-        assert!((p[3..].iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert!(p[5] > p[4] && p[4] > p[3]);
     }
 }

@@ -1,0 +1,62 @@
+//! Decode admission: how many of the server's decode slots (one per core) a request's images
+//! take while they are decoded, weighed by the pixels their headers declare, so that many large
+//! legal images at once cannot exhaust memory.
+
+use bytes::Bytes;
+
+/// Declared pixels one decode slot stands for: a slot's share of decoding memory is about this
+/// many pixels at 8-bit RGB plus the decoder's own buffers (~6 bytes a pixel, 24 MiB).
+const PIXELS_PER_SLOT: u64 = 4_000_000;
+
+/// Decode slots the server has: one per core.
+pub fn decode_slots() -> u32 {
+    std::thread::available_parallelism()
+        .map_or(2, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+        .max(1)
+}
+
+/// Slots a request's images take while decoded: one per [`PIXELS_PER_SLOT`] they declare, at
+/// least one and at most all of [`decode_slots`]. Images over `max_pixels`, or whose header
+/// cannot be read, count for nothing: they are refused before any pixel is decoded.
+pub fn decode_permits(images: &[Bytes], max_pixels: u64) -> u32 {
+    let pixels: u64 = images
+        .iter()
+        .filter_map(|bytes| crate::preprocess::declared_dimensions(bytes).ok())
+        .map(|(w, h)| u64::from(w) * u64::from(h))
+        .filter(|&pixels| pixels <= max_pixels)
+        .fold(0, u64::saturating_add);
+    let permits = pixels.div_ceil(PIXELS_PER_SLOT).max(1);
+    u32::try_from(permits)
+        .unwrap_or(u32::MAX)
+        .min(decode_slots())
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(width: u32, height: u32) -> Bytes {
+        let image = image::RgbImage::new(width, height);
+        let mut out = std::io::Cursor::new(Vec::new());
+        image.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        Bytes::from(out.into_inner())
+    }
+
+    #[test]
+    fn large_images_take_more_decode_slots_and_refused_ones_none() {
+        let slots = decode_slots();
+        let small = png(32, 32);
+        assert_eq!(decode_permits(&[small.clone(), small.clone()], 1 << 30), 1);
+        // 3000x3000 = 9 M pixels: three slots' worth, if the machine has them.
+        let large = png(3000, 3000);
+        assert_eq!(
+            decode_permits(std::slice::from_ref(&large), 1 << 30),
+            3.min(slots)
+        );
+        // Over the pixel limit: refused from the header, so it weighs nothing.
+        assert_eq!(decode_permits(&[large, small], 1_000_000), 1);
+        assert_eq!(
+            decode_permits(&[Bytes::from_static(b"not an image")], 100),
+            1
+        );
+    }
+}

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The Open Inference Protocol routes against the Triton HTTP client: starts the server on a
-# free loopback port with the seed-random weights, waits until it is ready, runs
-# tests/tritonclient with pytest (logits compared with the PyTorch references), stops the
-# server and exits with pytest's status.
+# The Open Inference Protocol against Triton's own clients, over REST (tritonclient[http]) and
+# gRPC (tritonclient[grpc], grpcio-health-checking): starts the server on free loopback ports
+# with the seed-random weights, waits until it is ready, runs tests/tritonclient with pytest
+# (logits compared with the PyTorch references; the gRPC tests also start servers of their own
+# with an API key, small limits, and one they stop), stops the server and exits with pytest's
+# status.
 #
 #   scripts/test-tritonclient.sh [PYTEST ARGS...]
 #
@@ -20,10 +22,10 @@ if [[ ! -f "$weights" ]]; then
     exit 1
 fi
 
-if [[ ! -x "$venv/bin/pytest" ]]; then
+if [[ ! -x "$venv/bin/pytest" ]] || ! "$venv/bin/python" -c 'import tritonclient.grpc, grpc_health' 2>/dev/null; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check \
-        'tritonclient[http]' numpy pytest safetensors
+        'tritonclient[http,grpc]' grpcio-health-checking numpy pytest safetensors
 fi
 
 bin=${RESNET_BIN:-}
@@ -36,9 +38,13 @@ if [[ -z "$bin" ]]; then
     fi
 fi
 
-port=$("$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+free_port() {
+    "$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+port=$(free_port)
+grpc_port=$(free_port)
 log=$(mktemp)
-"$bin" serve --weights "$weights" --host 127.0.0.1 --port "$port" --max-batch-size 16 \
+"$bin" serve --weights "$weights" --host 127.0.0.1 --port "$port" --grpc-port "$grpc_port" --max-batch-size 16 \
     >"$log" 2>&1 &
 server=$!
 stop() {
@@ -64,7 +70,8 @@ if [[ $ready != 1 ]]; then
 fi
 
 status=0
-RESNET_URL="127.0.0.1:$port" RESNET_SHARED_DIR="$shared" \
+RESNET_URL="127.0.0.1:$port" RESNET_GRPC_URL="127.0.0.1:$grpc_port" RESNET_SHARED_DIR="$shared" \
+    RESNET_BIN="$bin" RESNET_WEIGHTS="$weights" \
     "$venv/bin/pytest" -q -p no:cacheprovider tests/tritonclient "$@" || status=$?
 if [[ $status != 0 ]]; then
     echo "--- server log ---" >&2

@@ -59,11 +59,12 @@ WORKDIR /app
 # mounted file) or RESNET_WEIGHTS names one.
 ENV RESNET_HOST=0.0.0.0 \
     RESNET_PORT=8080 \
+    RESNET_GRPC_PORT=8081 \
     RESNET_DEVICE=cpu \
     RESNET_LOG_FORMAT=json
 
 USER 10001:10001
-EXPOSE 8080
+EXPOSE 8080 8081
 # Liveness only: readiness (/health/ready) is the orchestrator's business.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
   CMD ["resnet-serve", "healthcheck"]

@@ -24,8 +24,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 K8S_DIR = ROOT / "deploy" / "kubernetes"
 KSERVE_FILE = ROOT / "deploy" / "kserve" / "inferenceservice.yaml"
+KSERVE_GRPC_FILE = ROOT / "deploy" / "kserve" / "inferenceservice-grpc.yaml"
 DOCKERFILES = [ROOT / "Dockerfile", ROOT / "Dockerfile.cuda"]
 PORT = 8080
+GRPC_PORT = 8081
 DEPLOYMENT_CONTAINER = "resnet-serve"
 KSERVE_CONTAINER = "kserve-container"
 # The pretrained model the binary embeds, and its licence: both must reach the build.
@@ -194,12 +196,16 @@ def check_kubernetes(report: Report) -> list[tuple[str, dict]]:
     where = f"Deployment/{name} {DEPLOYMENT_CONTAINER}"
 
     ports = [p["containerPort"] for p in main.get("ports", [])]
-    report.check(ports == [PORT], f"{where}: serves on containerPort {PORT}", f"ports {ports}")
+    report.check(
+        ports == [PORT, GRPC_PORT],
+        f"{where}: serves HTTP on containerPort {PORT} and gRPC on {GRPC_PORT}",
+        f"ports {ports}",
+    )
     env = env_map(main)
-    if "RESNET_PORT" in env:
+    for variable, port in [("RESNET_PORT", PORT), ("RESNET_GRPC_PORT", GRPC_PORT)]:
         report.check(
-            env["RESNET_PORT"].get("value") == str(PORT),
-            f"{where}: RESNET_PORT agrees with containerPort",
+            env.get(variable, {}).get("value") == str(port),
+            f"{where}: {variable} is set and agrees with containerPort {port}",
         )
     check_probe(report, where, main, "readinessProbe", {"/health/ready"})
     check_probe(report, where, main, "livenessProbe", {"/health/live"})
@@ -272,11 +278,19 @@ def check_kubernetes(report: Report) -> list[tuple[str, dict]]:
             service["spec"]["selector"].items() <= pod_labels.items(),
             "Service selector matches the pod labels",
         )
-        for port in service["spec"]["ports"]:
-            report.check(
-                resolve_port(port.get("targetPort", port["port"]), main) == PORT,
-                f"Service port {port['port']} targets container port {PORT}",
-            )
+        targets = {
+            resolve_port(port.get("targetPort", port["port"]), main): port
+            for port in service["spec"]["ports"]
+        }
+        report.check(
+            sorted(targets) == [PORT, GRPC_PORT],
+            f"Service ports target container ports {PORT} (HTTP) and {GRPC_PORT} (gRPC)",
+            f"targets {sorted(targets, key=str)}",
+        )
+        report.check(
+            targets.get(GRPC_PORT, {}).get("appProtocol") == "kubernetes.io/h2c",
+            "Service's gRPC port declares appProtocol kubernetes.io/h2c (HTTP/2 without TLS)",
+        )
     hpa = objects.get("HorizontalPodAutoscaler")
     if hpa:
         ref = hpa["spec"]["scaleTargetRef"]
@@ -304,13 +318,29 @@ def check_kubernetes(report: Report) -> list[tuple[str, dict]]:
     return [(rel(K8S_DIR / "deployment.yaml"), c) for c in containers_of(pod)]
 
 
+def check_grpc_probe(report: Report, where: str, container: dict, kind: str) -> None:
+    probe = container.get(kind)
+    if not report.check(probe is not None, f"{where}: {kind} is set"):
+        return
+    handler = probe.get("grpc") or probe.get("tcpSocket") or {}
+    report.check(
+        resolve_port(handler.get("port"), container) == GRPC_PORT,
+        f"{where}: {kind} reaches the gRPC port {GRPC_PORT}",
+        f"probe {probe}",
+    )
+
+
 def check_kserve(
-    report: Report, versions: list[str], deployment_image: str | None
+    report: Report,
+    versions: list[str],
+    deployment_image: str | None,
+    path: Path = KSERVE_FILE,
+    grpc: bool = False,
 ) -> list[tuple[str, dict]]:
-    report.section("KServe InferenceService (deploy/kserve)")
+    report.section(f"KServe InferenceService ({rel(path)})")
     import kubernetes_validate
 
-    docs = load_yaml_docs(KSERVE_FILE)
+    docs = load_yaml_docs(path)
     report.check(len(docs) == 1, "one InferenceService in the file")
     isvc = docs[0]
     predictor = isvc["spec"]["predictor"]
@@ -321,17 +351,24 @@ def check_kserve(
     main = containers[names.index(KSERVE_CONTAINER)]
     where = f"InferenceService/{isvc['metadata']['name']}"
     env = env_map(main)
+    # KServe's webhook takes PROTOCOL v1 or v2 only; the `h2c` port name makes it gRPC.
+    protocol, port, port_name = ("v2", GRPC_PORT, "h2c") if grpc else ("v2", PORT, "http1")
     report.check(
-        env.get("PROTOCOL", {}).get("value") == "v2",
-        f"{where}: declares the v2 (Open Inference) protocol (env PROTOCOL=v2)",
+        env.get("PROTOCOL", {}).get("value") == protocol,
+        f"{where}: declares the Open Inference Protocol (env PROTOCOL={protocol})",
     )
-    ports = [p["containerPort"] for p in main.get("ports", [])]
-    report.check(ports == [PORT], f"{where}: serves on containerPort {PORT}", f"ports {ports}")
-    if "RESNET_PORT" in env:
-        report.check(
-            env["RESNET_PORT"].get("value") == str(PORT),
-            f"{where}: RESNET_PORT agrees with containerPort",
-        )
+    ports = [(p.get("name"), p["containerPort"]) for p in main.get("ports", [])]
+    report.check(
+        ports == [(port_name, port)],
+        f"{where}: Knative routes containerPort {port} ({port_name})",
+        f"ports {ports}",
+    )
+    for variable, expected in [("RESNET_PORT", PORT), ("RESNET_GRPC_PORT", GRPC_PORT)]:
+        if variable in env or grpc:
+            report.check(
+                env.get(variable, {}).get("value") == str(expected),
+                f"{where}: {variable} is {expected}",
+            )
     report.check(
         deployment_image is not None and main.get("image") == deployment_image,
         f"{where}: runs the Deployment's image ({deployment_image})",
@@ -341,8 +378,16 @@ def check_kserve(
         not any(runs_fetch_weights(c) for c in containers),
         f"{where}: no container runs fetch-weights (the image embeds the model)",
     )
-    check_probe(report, where, main, "readinessProbe", {"/v2/health/ready"})
-    check_probe(report, where, main, "livenessProbe", {"/v2/health/live"})
+    if grpc:
+        report.check(
+            "grpc" in main.get("readinessProbe", {}),
+            f"{where}: readiness is grpc.health.v1 (NOT_SERVING while draining)",
+        )
+        check_grpc_probe(report, where, main, "readinessProbe")
+        check_grpc_probe(report, where, main, "livenessProbe")
+    else:
+        check_probe(report, where, main, "readinessProbe", {"/v2/health/ready"})
+        check_probe(report, where, main, "livenessProbe", {"/v2/health/live"})
     annotations = predictor.get("annotations", {})
     report.check(
         annotations.get("prometheus.kserve.io/port") == str(PORT)
@@ -368,7 +413,7 @@ def check_kserve(
                 f"{where}: containers valid as core/v1 Container (k8s {version})",
                 f"{path}: {error.caught.message}",
             )
-    return [(rel(KSERVE_FILE), c) for c in containers]
+    return [(rel(path), c) for c in containers]
 
 
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
@@ -591,8 +636,11 @@ def check_dockerfile(report: Report, path: Path, cuda: bool) -> list[tuple[str, 
         f"runtime runs as a non-root user ({users[-1] if users else 'none'})",
     )
     report.check(
-        any(k == "EXPOSE" and a.split("/")[0] == str(PORT) for k, a in runtime),
-        f"EXPOSE {PORT}",
+        any(
+            k == "EXPOSE" and [p.split("/")[0] for p in a.split()] == [str(PORT), str(GRPC_PORT)]
+            for k, a in runtime
+        ),
+        f"EXPOSE {PORT} {GRPC_PORT}",
     )
     runtime_runs = " ; ".join(a for k, a in runtime if k == "RUN")
     installs = re.search(r"\bapt(-get)?\s+install\b", runtime_runs) is not None
@@ -803,6 +851,9 @@ def main() -> int:
             (c["image"] for w, c in containers if c["name"] == DEPLOYMENT_CONTAINER), None
         )
         containers += check_kserve(report, versions, deployment_image)
+        containers += check_kserve(
+            report, versions, deployment_image, path=KSERVE_GRPC_FILE, grpc=True
+        )
         dockerfile_env = [
             (rel(path), check_dockerfile(report, path, cuda=path.name.endswith(".cuda")))
             for path in DOCKERFILES

@@ -61,7 +61,7 @@ run "$VENV/bin/check-jsonschema" --check-metaschema \
     deploy/schemas/kserve-inferenceservice-v1beta1.schema.json
 run "$VENV/bin/check-jsonschema" \
     --schemafile deploy/schemas/kserve-inferenceservice-v1beta1.schema.json \
-    deploy/kserve/inferenceservice.yaml
+    deploy/kserve/inferenceservice.yaml deploy/kserve/inferenceservice-grpc.yaml
 
 step "consistency checks (scripts/check_deploy.py)"
 version_args=()

@@ -56,7 +56,7 @@ enum Client {
     },
     Grpc {
         stub: GrpcInferenceServiceClient<Channel>,
-        request: ModelInferRequest,
+        request: Box<ModelInferRequest>,
     },
 }
 
@@ -70,8 +70,8 @@ impl Client {
                 .body(image.clone())
                 .send()
                 .await
-                .map_or(false, |r| r.status().is_success()),
-            Self::Grpc { stub, request } => stub.model_infer(request.clone()).await.is_ok(),
+                .is_ok_and(|r| r.status().is_success()),
+            Self::Grpc { stub, request } => stub.model_infer(*request.clone()).await.is_ok(),
         }
     }
 }
@@ -91,7 +91,7 @@ async fn clients(args: &Args, grpc: bool, n: usize, image: &Bytes) -> anyhow::Re
             Client::Grpc {
                 stub: GrpcInferenceServiceClient::new(channel)
                     .max_decoding_message_size(usize::MAX),
-                request: ModelInferRequest {
+                request: Box::new(ModelInferRequest {
                     model_name: args.model.clone(),
                     inputs: vec![InferInputTensor {
                         name: "image_bytes".into(),
@@ -101,7 +101,7 @@ async fn clients(args: &Args, grpc: bool, n: usize, image: &Bytes) -> anyhow::Re
                     }],
                     raw_input_contents: vec![Bytes::from(length_prefixed)],
                     ..Default::default()
-                },
+                }),
             }
         } else {
             Client::Rest {

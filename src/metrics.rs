@@ -1,6 +1,8 @@
 //! Prometheus metrics under the names the contract fixes, kept in one recorder per server (so
 //! several servers can share a process) and rendered as text by `GET /metrics`.
 
+use std::sync::Arc;
+
 use metrics::{Counter, Gauge, Histogram, Label, Unit};
 use metrics_exporter_prometheus::{
     BuildError, Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
@@ -14,9 +16,13 @@ pub const BATCH_SIZE: &str = "resnet_batch_size";
 pub const QUEUE_DEPTH: &str = "resnet_queue_depth";
 pub const IMAGES_TOTAL: &str = "resnet_images_total";
 pub const MODEL_INFO: &str = "resnet_model_info";
+pub const PREDICTIONS_TOTAL: &str = "resnet_predictions_total";
+pub const PREDICTION_CONFIDENCE: &str = "resnet_prediction_confidence";
+pub const INPUT_PIXELS: &str = "resnet_input_pixels";
+pub const INPUT_FORMAT_TOTAL: &str = "resnet_input_format_total";
 
 /// Every metric name `/metrics` exposes.
-pub const ALL: [&str; 8] = [
+pub const ALL: [&str; 12] = [
     REQUESTS_TOTAL,
     REQUEST_DURATION,
     QUEUE_WAIT,
@@ -25,6 +31,31 @@ pub const ALL: [&str; 8] = [
     QUEUE_DEPTH,
     IMAGES_TOTAL,
     MODEL_INFO,
+    PREDICTIONS_TOTAL,
+    PREDICTION_CONFIDENCE,
+    INPUT_PIXELS,
+    INPUT_FORMAT_TOTAL,
+];
+
+/// The `format` values of `resnet_input_format_total` ([`crate::preprocess::format_name`]).
+pub const INPUT_FORMATS: [&str; 7] = ["png", "jpeg", "gif", "bmp", "webp", "tiff", "other"];
+
+/// Top-1 probabilities: fine steps near 1, where a well-trained model's answers sit.
+const CONFIDENCE_BUCKETS: [f64; 12] =
+    [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0];
+
+/// Decoded pixels: 32x32 (CIFAR itself), then squares doubling in side up to the decode limit.
+const PIXEL_BUCKETS: [f64; 10] = [
+    1024.0,
+    4096.0,
+    16_384.0,
+    65_536.0,
+    262_144.0,
+    1_048_576.0,
+    4_194_304.0,
+    16_777_216.0,
+    40_000_000.0,
+    100_000_000.0,
 ];
 
 const LATENCY_BUCKETS: [f64; 16] = [
@@ -45,6 +76,48 @@ pub struct BatchMetrics {
     pub batch_size: Histogram,
     /// Images classified.
     pub images: Counter,
+}
+
+/// What the model is being asked and how sure it is: cheap enough to record for every image.
+#[derive(Clone)]
+pub struct PredictionMetrics {
+    /// One counter per class, by its label.
+    by_class: Arc<[Counter]>,
+    confidence: Histogram,
+    pixels: Histogram,
+    /// One counter per [`INPUT_FORMATS`] entry, in that order.
+    formats: Arc<[Counter]>,
+}
+
+impl std::fmt::Debug for PredictionMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PredictionMetrics")
+            .field("classes", &self.by_class.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PredictionMetrics {
+    /// One image's top-1 class and its probability.
+    pub fn record_prediction(&self, class: usize, confidence: f32) {
+        if let Some(counter) = self.by_class.get(class) {
+            counter.increment(1);
+        }
+        self.confidence.record(f64::from(confidence));
+    }
+
+    /// One uploaded image: its format ([`INPUT_FORMATS`]) and, when its header could be read,
+    /// its width x height.
+    pub fn record_input(&self, format: &str, pixels: Option<u64>) {
+        let index = INPUT_FORMATS
+            .iter()
+            .position(|&f| f == format)
+            .unwrap_or(INPUT_FORMATS.len() - 1);
+        self.formats[index].increment(1);
+        if let Some(pixels) = pixels {
+            self.pixels.record(pixels as f64);
+        }
+    }
 }
 
 /// The server's metrics registry.
@@ -72,10 +145,16 @@ impl Metrics {
             builder =
                 builder.set_buckets_for_metric(Matcher::Full(name.into()), &LATENCY_BUCKETS)?;
         }
-        builder = builder.set_buckets_for_metric(
-            Matcher::Full(BATCH_SIZE.into()),
-            &batch_buckets(max_batch_size),
-        )?;
+        builder = builder
+            .set_buckets_for_metric(
+                Matcher::Full(BATCH_SIZE.into()),
+                &batch_buckets(max_batch_size),
+            )?
+            .set_buckets_for_metric(
+                Matcher::Full(PREDICTION_CONFIDENCE.into()),
+                &CONFIDENCE_BUCKETS,
+            )?
+            .set_buckets_for_metric(Matcher::Full(INPUT_PIXELS.into()), &PIXEL_BUCKETS)?;
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
         let batch = metrics::with_local_recorder(&recorder, || {
@@ -99,6 +178,16 @@ impl Metrics {
             metrics::describe_gauge!(QUEUE_DEPTH, "images admitted and not yet in a forward pass");
             metrics::describe_counter!(IMAGES_TOTAL, "images classified");
             metrics::describe_gauge!(MODEL_INFO, "the served model; always 1");
+            metrics::describe_counter!(PREDICTIONS_TOTAL, "images by their top-1 class");
+            metrics::describe_histogram!(
+                PREDICTION_CONFIDENCE,
+                "top-1 softmax probability of each image"
+            );
+            metrics::describe_histogram!(
+                INPUT_PIXELS,
+                "width x height of each uploaded image, as its header declares"
+            );
+            metrics::describe_counter!(INPUT_FORMAT_TOTAL, "uploaded images by format");
             let labels: Vec<Label> = model_labels
                 .into_iter()
                 .map(|(key, value)| Label::new(key, value))
@@ -125,6 +214,30 @@ impl Metrics {
     /// The handles the batcher updates.
     pub fn batch(&self) -> BatchMetrics {
         self.batch.clone()
+    }
+
+    /// The prediction-quality handles, with a counter for each class in `labels` (registered at
+    /// 0, so every class shows from the start).
+    pub fn predictions(&self, labels: &[String]) -> PredictionMetrics {
+        metrics::with_local_recorder(&self.recorder, || {
+            let by_class: Arc<[Counter]> = labels
+                .iter()
+                .map(|label| metrics::counter!(PREDICTIONS_TOTAL, "label" => label.clone()))
+                .collect();
+            let formats: Arc<[Counter]> = INPUT_FORMATS
+                .iter()
+                .map(|&format| metrics::counter!(INPUT_FORMAT_TOTAL, "format" => format))
+                .collect();
+            for counter in by_class.iter().chain(formats.iter()) {
+                counter.increment(0);
+            }
+            PredictionMetrics {
+                by_class,
+                confidence: metrics::histogram!(PREDICTION_CONFIDENCE),
+                pixels: metrics::histogram!(INPUT_PIXELS),
+                formats,
+            }
+        })
     }
 
     /// Counts one HTTP request and its duration.
@@ -181,6 +294,10 @@ mod tests {
         let b = Metrics::new(8, vec![("name", "b".into())]).unwrap();
         a.record_request("/classify", 200, 0.01);
         a.batch().batch_size.record(3.0);
+        let predictions = a.predictions(&["cat".into(), "dog".into()]);
+        predictions.record_prediction(1, 0.97);
+        predictions.record_input("jpeg", Some(1024));
+        predictions.record_input("psd", None);
         let (text_a, text_b) = (a.render(), b.render());
         assert!(text_a.contains(r#"resnet_requests_total{route="/classify",status="200"} 1"#));
         assert!(!text_b.contains("resnet_requests_total{"));
@@ -189,5 +306,12 @@ mod tests {
         for name in ALL {
             assert!(text_a.contains(name), "{name} missing from\n{text_a}");
         }
+        assert!(text_a.contains(r#"resnet_predictions_total{label="dog"} 1"#));
+        assert!(text_a.contains(r#"resnet_predictions_total{label="cat"} 0"#));
+        assert!(text_a.contains(r#"resnet_input_format_total{format="jpeg"} 1"#));
+        assert!(text_a.contains(r#"resnet_input_format_total{format="other"} 1"#));
+        assert!(text_a.contains(r#"resnet_prediction_confidence_bucket{le="0.99"} 1"#));
+        assert!(text_a.contains(r#"resnet_prediction_confidence_bucket{le="0.95"} 0"#));
+        assert!(text_a.contains(r#"resnet_input_pixels_bucket{le="1024"} 1"#));
     }
 }

@@ -162,7 +162,14 @@ pub async fn run_with_limits<M: Classifier>(
     let (batcher, batcher_task, warmed_up) =
         Batcher::start(model, batcher_config, metrics.batch(), readiness.clone())
             .map_err(ServerError::Spawn)?;
-    let inference = Inference::new(batcher, info, readiness.clone(), config.infer_limits());
+    let predictions = metrics.predictions(&info.class_labels());
+    let inference = Inference::new(
+        batcher,
+        info,
+        readiness.clone(),
+        config.infer_limits(),
+        predictions,
+    );
     let grpc = listeners.grpc.map(|listener| {
         let options = GrpcOptions {
             max_message_bytes: config.max_body_bytes,

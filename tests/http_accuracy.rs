@@ -30,6 +30,7 @@ fn run_846(weights: std::path::PathBuf) -> Option<Run> {
         LabelledImages::load(&common::shared_file("data/cifar10-test-846.safetensors")?).unwrap();
     let (model, info) = weights_model(weights)?;
     let classes = info.num_classes;
+    let class_labels = info.class_labels();
     let server = TestServer::start(model, info, ServerConfig::default());
     server.wait_ready();
     let pngs: Vec<Vec<u8>> = data
@@ -72,6 +73,13 @@ fn run_846(weights: std::path::PathBuf) -> Option<Run> {
         Some(pngs.len() as f64)
     );
     assert_eq!(metric(&text, "resnet_queue_depth"), Some(0.0));
+    let answers: Vec<(usize, Vec<f32>)> = answers
+        .into_inner()
+        .unwrap()
+        .into_iter()
+        .map(|a| a.expect("every image answered"))
+        .collect();
+    check_prediction_metrics(&text, &answers, &class_labels);
     server.stop().unwrap();
     eprintln!(
         "{} images in {seconds:.1} s ({:.1} images/s), {batches} forward passes, mean batch {:.1}",
@@ -80,15 +88,45 @@ fn run_846(weights: std::path::PathBuf) -> Option<Run> {
         images / batches
     );
     Some(Run {
-        answers: answers
-            .into_inner()
-            .unwrap()
-            .into_iter()
-            .map(|a| a.expect("every image answered"))
-            .collect(),
+        answers,
         labels: data.labels,
         mean_batch_size: images / batches,
     })
+}
+
+/// The prediction-quality metrics agree with what the server answered: per-label counts of the
+/// top-1 classes, one confidence sample per image (the top-1 probability), every image a 32x32
+/// PNG.
+fn check_prediction_metrics(text: &str, answers: &[(usize, Vec<f32>)], labels: &[String]) {
+    let n = answers.len() as f64;
+    for (class, label) in labels.iter().enumerate() {
+        let answered = answers.iter().filter(|(c, _)| *c == class).count() as f64;
+        let name = format!("resnet_predictions_total{{label=\"{label}\"}}");
+        assert_eq!(metric(text, &name), Some(answered), "{name}");
+    }
+    assert_eq!(metric(text, "resnet_prediction_confidence_count"), Some(n));
+    let confidence_sum: f64 = answers
+        .iter()
+        .map(|(_, logits)| f64::from(resnet_serve::infer::scores::top1(logits).1))
+        .sum();
+    let recorded = metric(text, "resnet_prediction_confidence_sum").unwrap();
+    assert!(
+        (recorded - confidence_sum).abs() < 1e-3 * n,
+        "{recorded} vs {confidence_sum}"
+    );
+    assert_eq!(
+        metric(text, r#"resnet_input_format_total{format="png"}"#),
+        Some(n)
+    );
+    assert_eq!(
+        metric(text, r#"resnet_input_format_total{format="jpeg"}"#),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(text, r#"resnet_input_pixels_bucket{le="1024"}"#),
+        Some(n)
+    );
+    assert_eq!(metric(text, "resnet_input_pixels_sum"), Some(1024.0 * n));
 }
 
 /// Checks the answers against PyTorch's logits `key`; returns the top-1 accuracy.

@@ -268,7 +268,14 @@ mod tests {
         };
         let (batcher, task, warmed_up) =
             Batcher::start(Uniform, batcher_config, metrics.batch(), readiness.clone()).unwrap();
-        let inference = Inference::new(batcher, info(), readiness.clone(), config.infer_limits());
+        let predictions = metrics.predictions(&[]);
+        let inference = Inference::new(
+            batcher,
+            info(),
+            readiness.clone(),
+            config.infer_limits(),
+            predictions,
+        );
         let app = router(AppState {
             inference,
             config: Arc::new(config),

@@ -51,6 +51,18 @@ impl ModelInfo {
         }
     }
 
+    /// The label of every class, `class_<i>` where the weights name none.
+    pub fn class_labels(&self) -> Vec<String> {
+        (0..self.num_classes)
+            .map(|i| {
+                self.labels
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| format!("class_{i}"))
+            })
+            .collect()
+    }
+
     /// The platform the Open Inference Protocol's model metadata names.
     pub fn platform(&self) -> String {
         format!("resnet-serve_{}", self.engine)

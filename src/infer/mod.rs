@@ -18,8 +18,9 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::batcher::{saturating_add, Batcher};
+use crate::metrics::PredictionMetrics;
 use crate::model::IMAGE_FLOATS;
-use crate::preprocess::{preprocess_with, DecodeOptions};
+use crate::preprocess::{declared_dimensions, format_name, preprocess_with, DecodeOptions};
 use crate::shutdown::{Phase, Readiness};
 pub use decode::{decode_permits, decode_slots};
 pub use error::InferError;
@@ -128,6 +129,8 @@ pub struct Inference {
     /// Bounds concurrent image decoding (CPU and memory) to the cores available.
     decode_slots: Arc<Semaphore>,
     limits: InferLimits,
+    /// What is asked and answered: formats, sizes, top-1 classes and their probabilities.
+    predictions: PredictionMetrics,
 }
 
 impl Inference {
@@ -136,6 +139,7 @@ impl Inference {
         model: ModelInfo,
         readiness: Readiness,
         limits: InferLimits,
+        predictions: PredictionMetrics,
     ) -> Self {
         Self {
             batcher,
@@ -143,6 +147,7 @@ impl Inference {
             readiness,
             decode_slots: Arc::new(Semaphore::new(decode_slots() as usize)),
             limits,
+            predictions,
         }
     }
 
@@ -251,13 +256,24 @@ impl Inference {
             .submit(admission, pixels, deadline.at)
             .await
             .map_err(|e| InferError::from_batch(e, budget_ms))?;
-        Ok(Logits::new(values, self.model.num_classes))
+        let logits = Logits::new(values, self.model.num_classes);
+        for row in logits.rows() {
+            let (class, confidence) = scores::top1(row);
+            self.predictions.record_prediction(class, confidence);
+        }
+        Ok(logits)
     }
 
     /// Decodes and normalises `images` on the blocking pool, holding decode slots weighed by
     /// their declared pixels.
     async fn decode(&self, images: Vec<Bytes>) -> Result<Vec<f32>, InferError> {
         let n = images.len();
+        for bytes in &images {
+            let pixels = declared_dimensions(bytes)
+                .ok()
+                .map(|(w, h)| u64::from(w) * u64::from(h));
+            self.predictions.record_input(format_name(bytes), pixels);
+        }
         let permits = decode_permits(&images, self.limits.max_image_pixels);
         let slot = self
             .decode_slots

@@ -68,6 +68,20 @@ fn reader(bytes: &[u8]) -> Result<FormatReader<'_>, PreprocessError> {
     }
 }
 
+/// The format of an upload by its magic bytes, as `resnet_input_format_total` names it: `png`,
+/// `jpeg`, `gif`, `bmp`, `webp`, `tiff`, or `other` for anything not decoded.
+pub fn format_name(bytes: &[u8]) -> &'static str {
+    match image::guess_format(bytes) {
+        Ok(ImageFormat::Png) => "png",
+        Ok(ImageFormat::Jpeg) => "jpeg",
+        Ok(ImageFormat::Gif) => "gif",
+        Ok(ImageFormat::Bmp) => "bmp",
+        Ok(ImageFormat::WebP) => "webp",
+        Ok(ImageFormat::Tiff) => "tiff",
+        _ => "other",
+    }
+}
+
 /// The width and height the image's header declares, reading nothing else.
 pub fn declared_dimensions(bytes: &[u8]) -> Result<(u32, u32), PreprocessError> {
     if jpeg::is_jpeg(bytes) {

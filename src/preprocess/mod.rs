@@ -6,7 +6,9 @@ mod decode;
 mod jpeg;
 mod resample;
 
-pub use decode::{declared_dimensions, decode_rgb8, decode_rgb8_with, DecodeOptions, RgbImage};
+pub use decode::{
+    declared_dimensions, decode_rgb8, decode_rgb8_with, format_name, DecodeOptions, RgbImage,
+};
 pub use resample::resize_shorter_and_center_crop;
 
 use crate::model::{INPUT_CHANNELS, INPUT_SIZE};

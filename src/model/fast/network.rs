@@ -422,10 +422,13 @@ impl Network {
             }
         }
         part.sync();
-        // SAFETY (every convolution below): the phase discipline in the doc comment.
+        // SAFETY: the stem phase reads INPUT (complete after the sync) and writes this thread's
+        // rows of the stem output, which no other thread reads or writes in this phase.
         unsafe { self.conv(&self.stem, batch, part, INPUT, self.stem_output, None, true) };
         part.sync();
         for block in &self.blocks {
+            // SAFETY: conv1's phase reads the block input (complete after the sync) and writes
+            // this thread's rows of `mid`, which nothing reads until the next sync.
             unsafe {
                 self.conv3x3(
                     &block.conv1,
@@ -440,6 +443,8 @@ impl Network {
             let residual = match &block.shortcut {
                 ShortcutPlan::Identity => block.input,
                 ShortcutPlan::Projection { conv, buf } => {
+                    // SAFETY: same phase as conv1: reads the block input, writes this thread's
+                    // rows of the shortcut buffer, distinct from `mid` and from the input.
                     unsafe { self.conv(conv, batch, part, block.input, *buf, None, false) };
                     *buf
                 }
@@ -452,6 +457,8 @@ impl Network {
                 }
             };
             part.sync();
+            // SAFETY: conv2's phase reads `mid` and the residual (both complete after the sync)
+            // and writes this thread's rows of the block output, which neither of them is.
             unsafe {
                 self.conv3x3(
                     &block.conv2,

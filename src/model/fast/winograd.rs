@@ -503,6 +503,7 @@ fn output_transform<const C: usize, const L: usize, const FMA: bool>(
                         // SAFETY (residual read and output write): row y < 4 x tile rows and
                         // column x + 1 <= w, so `at + L` is within the asserted band.
                         if let Some(res) = a.residual {
+                            // SAFETY: as above, `at + L` is within the residual's band.
                             let r = unsafe { lanes::<L>(res, at) };
                             for k in 0..L {
                                 o[k] += r[k];
@@ -513,6 +514,7 @@ fn output_transform<const C: usize, const L: usize, const FMA: bool>(
                                 *v = v.max(0.0);
                             }
                         }
+                        // SAFETY: as above, `at + L` is within this thread's band of `out`.
                         unsafe { store::<L>(out, at, &o) };
                     }
                 }

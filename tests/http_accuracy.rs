@@ -200,3 +200,71 @@ fn pretrained_model_over_http_reaches_its_accuracy_on_846_images() {
     let accuracy = check_against_reference(&run, "paper_logits");
     assert!(accuracy >= 0.932, "accuracy {accuracy}");
 }
+
+/// `/classify/batch` with a real model answers in the order of its fields: 16 distinct images
+/// (classes chosen to differ from their neighbours'), each result with its own image's logits.
+#[test]
+fn classify_batch_answers_distinct_images_in_order() {
+    let Some(path) = common::shared_file("data/cifar10-test-846.safetensors") else {
+        return;
+    };
+    let Some(weights) = common::shared_file("models/resnet56-seed-random.safetensors") else {
+        return;
+    };
+    let data = LabelledImages::load(&path).unwrap();
+    let reference = load_reference(
+        &common::shared_file("reference/logits.safetensors").unwrap(),
+        "seed_random_logits",
+    )
+    .unwrap();
+    let (model, info) = weights_model(weights).unwrap();
+    let classes = info.num_classes;
+    let server = TestServer::start(model, info, ServerConfig::default());
+    server.wait_ready();
+    // Images whose reference top-1 class differs from the previous pick's, so that a shuffled
+    // answer cannot pass by chance.
+    let mut picks: Vec<usize> = Vec::new();
+    for i in 0..data.labels.len() {
+        let class = argmax(&reference[i * classes..(i + 1) * classes]);
+        let differs = picks
+            .last()
+            .is_none_or(|&p| argmax(&reference[p * classes..(p + 1) * classes]) != class);
+        if differs {
+            picks.push(i);
+        }
+        if picks.len() == 16 {
+            break;
+        }
+    }
+    assert_eq!(picks.len(), 16);
+    let mut form = reqwest::blocking::multipart::Form::new();
+    for &i in &picks {
+        let png = png_from_chw(&data.pixels[i * IMAGE_BYTES..(i + 1) * IMAGE_BYTES], 32, 32);
+        let part = reqwest::blocking::multipart::Part::bytes(png)
+            .file_name(format!("{i}.png"))
+            .mime_str("image/png")
+            .unwrap();
+        form = form.part("image", part);
+    }
+    let r = client()
+        .post(server.url("/classify/batch?logits=true"))
+        .multipart(form)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().unwrap();
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), picks.len());
+    for (result, &i) in results.iter().zip(&picks) {
+        let expected = &reference[i * classes..(i + 1) * classes];
+        let logits: Vec<f32> = serde_json::from_value(result["logits"].clone()).unwrap();
+        let diff = logits
+            .iter()
+            .zip(expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff <= 1e-3, "image {i}: max |logit diff| {diff}");
+        assert_eq!(result["class_index"], argmax(expected), "image {i}");
+    }
+    server.stop().unwrap();
+}

@@ -406,7 +406,7 @@ fn read_response(stream: &mut std::net::TcpStream, limit: Duration) -> String {
 
 #[cfg(unix)]
 #[test]
-fn huge_bodies_are_refused_unread_and_bombs_keep_peak_memory_far_below_1_gib() {
+fn huge_bodies_are_refused_unread_and_bombs_keep_peak_memory_under_256_mib() {
     use std::io::Write;
     const MAX_BODY: usize = 2 << 20;
     // A long deadline: on a small machine a 36 M pixel decode takes seconds, and cheap refusals
@@ -504,7 +504,9 @@ fn huge_bodies_are_refused_unread_and_bombs_keep_peak_memory_far_below_1_gib() {
         bomb.len(),
         big.len() >> 10
     );
-    assert!(peak < 1 << 20, "peak RSS {} MiB", peak >> 10);
+    // One 36-megapixel decode at a time (it weighs all the decode slots) is about 110 MiB of
+    // RGB on top of a ~35 MiB server; four at once, or a bomb decoded, would be far more.
+    assert!(peak < 256 << 10, "peak RSS {} MiB", peak >> 10);
 }
 
 #[cfg(unix)]

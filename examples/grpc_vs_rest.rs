@@ -1,9 +1,11 @@
 //! REST against gRPC with one load tool: at each concurrency level, N closed-loop clients send
-//! the same encoded image for a fixed time, first as `POST /classify` (the raw image body), then
-//! as a gRPC `ModelInfer` call (the image as the BYTES input `image_bytes` in
-//! `raw_input_contents`), each client on its own connection; prints requests/s, p50 and p99 per
-//! protocol and level, and the gRPC / REST ratio, as a table and as JSON lines. The clients run
-//! on one thread, as `wrk -t1`, to leave the cores to the server. Used by `scripts/bench-grpc.sh`.
+//! the same encoded image for a fixed time as `POST /classify` (the raw image body) and as a gRPC
+//! `ModelInfer` call (the image as the BYTES input `image_bytes` in `raw_input_contents`), each
+//! client on its own connection. Each level runs several rounds, alternating which protocol goes
+//! first, so that drift in the machine's speed falls on both alike; prints every run, then per
+//! protocol and level the median run (requests/s, p50, p99) and the gRPC / REST ratio of the
+//! medians, as a table and as JSON lines. The clients run on one thread, as `wrk -t1`, to leave
+//! the cores to the server. Used by `scripts/bench-grpc.sh`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,18 +36,24 @@ struct Args {
     /// Concurrency levels, comma-separated.
     #[arg(long, default_value = "1,16,64", value_delimiter = ',')]
     levels: Vec<usize>,
-    /// Seconds per protocol and level (after one second of warm-up).
-    #[arg(long, default_value_t = 10.0)]
+    /// Seconds per run (after one second of warm-up).
+    #[arg(long, default_value_t = 5.0)]
     seconds: f64,
+    /// Runs per protocol and level.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
-/// What one protocol did at one level.
+/// What one protocol did in one run at one level.
+#[derive(Debug, Clone, Copy)]
 struct Run {
     requests_per_second: f64,
     p50_ms: f64,
     p99_ms: f64,
     errors: usize,
 }
+
+const PROTOCOLS: [&str; 2] = ["rest", "grpc"];
 
 #[derive(Clone)]
 enum Client {
@@ -178,22 +186,54 @@ fn main() -> anyhow::Result<()> {
             "protocol", "conns", "req/s", "p50 ms", "p99 ms", "errors"
         );
         let mut lines = Vec::new();
+        let mut summary = Vec::new();
         for &level in &args.levels {
-            let mut rps = [0.0; 2];
-            for (i, grpc) in [false, true].into_iter().enumerate() {
-                let protocol = if grpc { "grpc" } else { "rest" };
-                let run = drive(clients(&args, grpc, level, &image).await?, args.seconds).await;
-                rps[i] = run.requests_per_second;
-                println!(
-                    "{protocol:>8} {level:>6} {:>10.1} {:>9.2} {:>9.2} {:>7}",
-                    run.requests_per_second, run.p50_ms, run.p99_ms, run.errors
-                );
+            let mut runs: [Vec<Run>; 2] = [Vec::new(), Vec::new()];
+            for round in 0..args.rounds.max(1) {
+                let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+                for i in order {
+                    let grpc = i == 1;
+                    let run = drive(clients(&args, grpc, level, &image).await?, args.seconds).await;
+                    println!(
+                        "{:>8} {level:>6} {:>10.1} {:>9.2} {:>9.2} {:>7}",
+                        PROTOCOLS[i], run.requests_per_second, run.p50_ms, run.p99_ms, run.errors
+                    );
+                    runs[i].push(run);
+                }
+            }
+            let medians = runs.clone().map(|mut r| {
+                r.sort_by(|a, b| a.requests_per_second.total_cmp(&b.requests_per_second));
+                r[r.len() / 2]
+            });
+            for (i, run) in medians.iter().enumerate() {
+                let errors: usize = runs[i].iter().map(|r| r.errors).sum();
                 lines.push(format!(
-                    "{{\"kind\":\"grpc_vs_rest\",\"protocol\":\"{protocol}\",\"connections\":{level},\"requests_per_second\":{:.1},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"errors\":{}}}",
-                    run.requests_per_second, run.p50_ms, run.p99_ms, run.errors
+                    "{{\"kind\":\"grpc_vs_rest\",\"protocol\":\"{}\",\"connections\":{level},\"runs\":{},\"median_requests_per_second\":{:.1},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"errors\":{errors}}}",
+                    PROTOCOLS[i],
+                    runs[i].len(),
+                    run.requests_per_second,
+                    run.p50_ms,
+                    run.p99_ms
                 ));
             }
-            println!("{:>8} {level:>6} {:>10.3}", "grpc/rest", rps[1] / rps[0]);
+            summary.push((level, medians));
+        }
+        println!("\nmedian run per protocol and level:");
+        println!(
+            "{:>6} {:>10} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9}",
+            "conns", "rest req/s", "p50 ms", "p99 ms", "grpc req/s", "p50 ms", "p99 ms", "grpc/rest"
+        );
+        for (level, [rest, grpc]) in summary {
+            println!(
+                "{level:>6} {:>10.1} {:>9.2} {:>9.2} {:>10.1} {:>9.2} {:>9.2} {:>9.3}",
+                rest.requests_per_second,
+                rest.p50_ms,
+                rest.p99_ms,
+                grpc.requests_per_second,
+                grpc.p50_ms,
+                grpc.p99_ms,
+                grpc.requests_per_second / rest.requests_per_second
+            );
         }
         for line in lines {
             println!("{line}");

@@ -3,8 +3,8 @@
 # one thread): at 1, 16 and 64 concurrent clients, the shared cat PNG as `POST /classify` and as a
 # gRPC ModelInfer BYTES input; requests/s, p50, p99 and the gRPC / REST ratio.
 #
-#   scripts/bench-grpc.sh                      # 10 s per protocol and level
-#   SECONDS_PER_LEVEL=3 BINARY=path scripts/bench-grpc.sh
+#   scripts/bench-grpc.sh                      # 3 rounds of 5 s per protocol and level
+#   SECONDS_PER_RUN=3 ROUNDS=1 BINARY=path scripts/bench-grpc.sh
 #
 # The server runs the seed-random weights with THREADS (2) model threads and its default
 # batching. Refuses to measure (exit 3) when the 1-minute load average is above LOAD_MAX (0.5)
@@ -33,5 +33,5 @@ for _ in $(seq 120); do
     sleep 0.5
 done
 target/release/examples/grpc_vs_rest --rest "http://127.0.0.1:$port" \
-    --grpc "http://127.0.0.1:$((port + 1))" --image "$image" --seconds "${SECONDS_PER_LEVEL:-10}"
+    --grpc "http://127.0.0.1:$((port + 1))" --image "$image" --seconds "${SECONDS_PER_RUN:-5}" --rounds "${ROUNDS:-3}"
 log "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"

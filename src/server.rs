@@ -97,7 +97,7 @@ impl ConnectionLimits {
 pub enum ServerError {
     #[error("setting up metrics: {0}")]
     Metrics(#[from] metrics_exporter_prometheus::BuildError),
-    #[error("starting the model thread: {0}")]
+    #[error("starting the model thread or the gRPC server thread: {0}")]
     Spawn(#[source] std::io::Error),
     #[error("the warm-up forward pass failed: {0}")]
     WarmUp(String),
@@ -170,19 +170,19 @@ pub async fn run_with_limits<M: Classifier>(
         config.infer_limits(),
         predictions,
     );
-    let grpc = listeners.grpc.map(|listener| {
-        let options = GrpcOptions {
-            max_message_bytes: config.max_body_bytes,
-            api_key: config.access.api_key.clone(),
-            shutdown_timeout: limits.shutdown_timeout,
-        };
-        tokio::spawn(grpc::serve(
-            listener,
-            inference.clone(),
-            metrics.clone(),
-            options,
-        ))
-    });
+    let grpc = match listeners.grpc {
+        Some(listener) => {
+            let options = GrpcOptions {
+                max_message_bytes: config.max_body_bytes,
+                api_key: config.access.api_key.clone(),
+                shutdown_timeout: limits.shutdown_timeout,
+            };
+            let stopped = grpc::spawn(listener, inference.clone(), metrics.clone(), options)
+                .map_err(ServerError::Spawn)?;
+            Some(stopped)
+        }
+        None => None,
+    };
     let app = router(AppState {
         inference,
         config: Arc::new(config),
@@ -211,11 +211,11 @@ pub async fn run_with_limits<M: Classifier>(
         drain_readiness.set_draining();
     };
     connections::serve(listeners.http, app, limits, stop).await;
-    if let Some(grpc) = grpc {
-        match grpc.await {
+    if let Some(stopped) = grpc {
+        match stopped.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "the gRPC server failed"),
-            Err(e) => tracing::error!(error = %e, "the gRPC server task failed"),
+            Err(_) => tracing::error!("the gRPC server thread ended without a result"),
         }
     }
     // Every handler (and with it every queue sender) is gone: the queue drains and closes.

@@ -41,8 +41,40 @@ pub struct GrpcOptions {
 
 /// Why the gRPC server stopped abnormally.
 #[derive(Debug, thiserror::Error)]
-#[error("serving gRPC: {0}")]
-pub struct GrpcError(#[from] tonic::transport::Error);
+pub enum GrpcError {
+    #[error("serving gRPC: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("taking over the gRPC listener: {0}")]
+    Listen(#[source] std::io::Error),
+}
+
+/// Runs [`serve`] on a thread of its own with a single-threaded runtime: every task of a call
+/// (the HTTP/2 connection, the stream, the handler) then wakes on the same thread, where on the
+/// shared multi-threaded runtime each hand-over between them could cross threads and cost a
+/// wake-up. The receiver resolves when it has stopped.
+pub fn spawn(
+    listener: TcpListener,
+    inference: Inference,
+    metrics: Arc<Metrics>,
+    options: GrpcOptions,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<Result<(), GrpcError>>> {
+    let listener = listener.into_std()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("grpc-blocking")
+        .build()?;
+    let (stopped_tx, stopped) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("grpc".into())
+        .spawn(move || {
+            let result = runtime.block_on(async move {
+                let listener = TcpListener::from_std(listener).map_err(GrpcError::Listen)?;
+                serve(listener, inference, metrics, options).await
+            });
+            let _ = stopped_tx.send(result);
+        })?;
+    Ok(stopped)
+}
 
 /// Serves the gRPC API on `listener` until the server drains ([`Phase::Draining`]): health turns
 /// NOT_SERVING, new inference calls are refused with UNAVAILABLE, calls in flight finish (for at

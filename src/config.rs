@@ -155,6 +155,17 @@ pub struct ServeArgs {
     #[arg(long, env = "RESNET_PORT", default_value_t = 8080)]
     pub port: u16,
 
+    /// OpenTelemetry: the OTLP collector's base URL to export traces to (`http://HOST:4318`;
+    /// `http://HOST:4317` with OTEL_EXPORTER_OTLP_PROTOCOL=grpc). Unset: no traces, unless the
+    /// standard OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    #[arg(long, env = "RESNET_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// Fraction of new traces sampled when exporting, 0 to 1 (a caller's `traceparent` decides
+    /// for its own requests).
+    #[arg(long, env = "RESNET_TRACE_SAMPLE_RATIO", default_value_t = 1.0)]
+    pub trace_sample_ratio: f64,
+
     /// Port of the gRPC API (the Open Inference Protocol and grpc.health.v1), on the same
     /// address; 0 turns it off.
     #[arg(long, env = "RESNET_GRPC_PORT", default_value_t = 8081)]

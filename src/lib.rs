@@ -10,6 +10,7 @@
 //! - [`grpc`]: the Open Inference Protocol over gRPC and `grpc.health.v1`, on their own port.
 //! - [`http`]: the routes, their request and response types, and the one error type.
 //! - [`metrics`]: the Prometheus metrics of the contract, one registry per server.
+//! - [`telemetry`]: OpenTelemetry trace export (OTLP) and `traceparent` propagation.
 //! - [`shutdown`]: readiness and the signals that start a graceful shutdown.
 //! - [`connections`]: accepting connections: the connection cap, header timeout, bounded drain.
 //! - [`server`]: server configuration, first-run weights, and `run(listener, ..., shutdown)`.
@@ -27,3 +28,4 @@ pub mod model;
 pub mod preprocess;
 pub mod server;
 pub mod shutdown;
+pub mod telemetry;

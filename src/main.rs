@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches};
 use resnet_serve::config::{Cli, Command, LogFormat, ServeArgs};
+use resnet_serve::telemetry::{Telemetry, TelemetryOptions};
 
 fn main() -> ExitCode {
     #[cfg(feature = "cuda")]
@@ -15,12 +16,11 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     let command = cli.into_command();
-    let log_format = match &command {
-        Command::Serve(args) => args.log_format,
-        _ => LogFormat::Text,
-    };
-    init_tracing(log_format);
+    if !matches!(command, Command::Serve(_)) {
+        init_tracing(LogFormat::Text, None);
+    }
     let result = match &command {
+        // Sets up its own logging: trace export needs its runtime first.
         Command::Serve(args) => serve(args),
         Command::Eval(args) => resnet_serve::cli::eval::run(args),
         Command::Bench(args) => resnet_serve::cli::bench::run(args),
@@ -54,22 +54,63 @@ fn keep_cuda_math_fp32() {
     }
 }
 
-fn init_tracing(format: LogFormat) {
+/// Logs to stderr (`RUST_LOG`, default `info`) in `format`, and spans to OpenTelemetry when
+/// `telemetry` is on.
+fn init_tracing(format: LogFormat, telemetry: Option<&Telemetry>) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().with_current_span(true).init(),
-    }
+    let logs = match format {
+        LogFormat::Text => logs.boxed(),
+        LogFormat::Json => logs.json().with_current_span(true).boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(telemetry.map(Telemetry::layer))
+        .init();
 }
 
 /// `serve`: model (from `--weights`, the default file, or the embedded weights), listener, then
 /// the server until a signal.
 fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let telemetry = {
+        let _runtime = runtime.enter();
+        Telemetry::start(&TelemetryOptions {
+            endpoint: args.otlp_endpoint.clone(),
+            sample_ratio: args.trace_sample_ratio,
+        })?
+    };
+    init_tracing(args.log_format, telemetry.as_ref());
+    if telemetry.is_some() {
+        tracing::info!(
+            endpoint = args
+                .otlp_endpoint
+                .as_deref()
+                .unwrap_or("from OTEL_EXPORTER_OTLP_*"),
+            sample_ratio = args.trace_sample_ratio,
+            "exporting traces over OTLP"
+        );
+    }
+    let result = serve_with(args, &runtime);
+    if let Some(telemetry) = telemetry {
+        telemetry.shutdown();
+    }
+    result
+}
+
+/// `serve` once logging is set up.
+fn serve_with(args: &ServeArgs, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     use resnet_serve::{infer::ModelInfo, model::Model, server};
 
     let access = resnet_serve::http::auth::AccessConfig::from_args(args)?;
@@ -101,10 +142,6 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         source = info.source.as_deref().unwrap_or("-"),
         "model loaded"
     );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind((args.host, args.port))
             .await

@@ -105,6 +105,9 @@ pub(crate) struct Entry {
     respond: oneshot::Sender<Result<Vec<f32>, BatchError>>,
     /// Dropped when the entry leaves the queue, freeing its slots.
     admission: Option<Admission>,
+    /// The request's wait in the queue: a child of its span, ended when its forward pass starts,
+    /// which links back to it.
+    queue_wait: tracing::Span,
 }
 
 impl Queued for Entry {
@@ -211,6 +214,7 @@ impl Batcher {
             enqueued_at: Instant::now(),
             deadline,
             respond,
+            queue_wait: tracing::info_span!("queue_wait", images = admission.images),
             admission: Some(admission),
         };
         self.queue.try_send(entry).map_err(|e| match e {

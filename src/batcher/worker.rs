@@ -93,6 +93,19 @@ fn run_batch<M: Classifier>(model: &mut M, job: Job, classes: usize, metrics: &B
     if n == 0 {
         return;
     }
+    // One span per forward pass, in a trace of its own, linked to every request's queue wait
+    // (which ends here).
+    let span = tracing::info_span!(
+        parent: None,
+        "forward_pass",
+        batch_size = n,
+        requests = entries.len()
+    );
+    for entry in &mut entries {
+        let queue_wait = std::mem::replace(&mut entry.queue_wait, tracing::Span::none());
+        span.follows_from(&queue_wait);
+    }
+    let _in_forward_pass = span.enter();
     let started = std::time::Instant::now();
     let result = forward(model, &pixels, n, classes);
     metrics.inference.record(started.elapsed());

@@ -24,6 +24,8 @@ use crate::infer::tensor::{input_specs, output_specs, TensorSpec, MODEL_VERSION}
 use crate::infer::{InferError, Inference};
 use crate::metrics::Metrics;
 use crate::shutdown::Phase;
+use crate::telemetry;
+use tracing::Instrument;
 
 /// The Open Inference Protocol service over one [`Inference`].
 #[derive(Debug, Clone)]
@@ -216,6 +218,17 @@ impl GrpcInferenceService for InferenceService {
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
         let _call = InFlight::enter(&self.in_flight);
+        let span = tracing::info_span!(
+            "request",
+            method = "ModelInfer",
+            trace_id = tracing::field::Empty,
+            otel.name = "inference.GRPCInferenceService/ModelInfer",
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = "inference.GRPCInferenceService",
+            rpc.method = "ModelInfer",
+        );
+        telemetry::join_caller_trace(&span, &request.metadata().clone().into_headers());
         self.observed("grpc:ModelInfer", async {
             let inference = &self.inference;
             let deadline = inference.deadline(grpc_timeout(request.metadata()));
@@ -242,6 +255,7 @@ impl GrpcInferenceService for InferenceService {
                 &outputs,
             ))
         })
+        .instrument(span)
         .await
     }
 }

@@ -25,6 +25,7 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use crate::infer::Inference;
 use crate::metrics::Metrics;
 use crate::server::ServerConfig;
+use crate::telemetry;
 
 /// The header that carries each request's id (set when the client sends none, echoed back).
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -117,6 +118,14 @@ impl Endpoint {
         }
     }
 
+    /// Health probes and metrics scrapes: frequent, uninteresting to trace.
+    pub fn is_probe(self) -> bool {
+        matches!(
+            self,
+            Self::Live | Self::Ready | Self::Metrics | Self::V2Live | Self::V2Ready
+        )
+    }
+
     /// The endpoints whose path template (`{name}` matching one segment) matches `path`.
     pub fn at(path: &str) -> impl Iterator<Item = Self> + '_ {
         Self::ALL.into_iter().filter(move |e| e.matches(path))
@@ -148,12 +157,31 @@ pub fn router(state: AppState) -> Router {
                 .get(REQUEST_ID_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("-");
-            tracing::info_span!(
+            let path = request.uri().path();
+            let endpoint = Endpoint::at(path).next();
+            if endpoint.is_some_and(Endpoint::is_probe) {
+                // Logged like any request; never exported as a trace.
+                return tracing::info_span!(
+                    telemetry::PROBE_SPAN,
+                    method = %request.method(),
+                    path = %path,
+                    request_id = %id,
+                );
+            }
+            let route = endpoint.map_or("unmatched", Endpoint::path);
+            let span = tracing::info_span!(
                 "request",
                 method = %request.method(),
-                path = %request.uri().path(),
+                path = %path,
                 request_id = %id,
-            )
+                trace_id = tracing::field::Empty,
+                otel.name = %format_args!("{} {route}", request.method()),
+                otel.kind = "server",
+                http.route = route,
+                http.response.status_code = tracing::field::Empty,
+            );
+            telemetry::join_caller_trace(&span, request.headers());
+            span
         })
         .on_response(DefaultOnResponse::new().level(tracing::Level::INFO));
     router
@@ -193,6 +221,7 @@ async fn record_request_metrics(
         .map_or("unmatched", Endpoint::path);
     let started = Instant::now();
     let response = next.run(request).await;
+    tracing::Span::current().record("http.response.status_code", response.status().as_u16());
     state.metrics.record_request(
         route,
         response.status().as_u16(),

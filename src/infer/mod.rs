@@ -286,7 +286,9 @@ impl Inference {
             max_pixels: self.limits.max_image_pixels,
             load_truncated: self.limits.load_truncated_images,
         };
+        let span = tracing::info_span!("decode", images = n);
         tokio::task::spawn_blocking(move || {
+            let _in_span = span.enter();
             let _slot = slot;
             let mut pixels = Vec::with_capacity(n * IMAGE_FLOATS);
             for (i, bytes) in images.iter().enumerate() {

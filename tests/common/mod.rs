@@ -68,6 +68,34 @@ pub fn shared_file(relative: &str) -> Option<PathBuf> {
     Some(path)
 }
 
+/// Whether the kernels of SIMD level `name` can be tested on this CPU (`supported`). When not,
+/// says so loudly; under `REQUIRE_SHARED_DATA=1` that fails the test unless `ALLOW_MISSING_SIMD`
+/// (comma-separated level names, e.g. `avx512`) accepts the gap for this machine.
+pub fn simd_testable(name: &str, supported: bool) -> bool {
+    if supported {
+        return true;
+    }
+    let allowed = std::env::var("ALLOW_MISSING_SIMD")
+        .unwrap_or_default()
+        .split(',')
+        .any(|level| level.trim() == name);
+    let required = std::env::var("REQUIRE_SHARED_DATA").is_ok_and(|v| v == "1");
+    assert!(
+        allowed || !required,
+        "this CPU lacks {name}, so its kernels cannot be tested here; with REQUIRE_SHARED_DATA=1 \
+         set ALLOW_MISSING_SIMD={name} to accept that on this machine"
+    );
+    eprintln!(
+        "SKIPPED: this CPU does not support {name}; its kernels were not tested{}",
+        if allowed {
+            " (accepted by ALLOW_MISSING_SIMD)"
+        } else {
+            ""
+        }
+    );
+    false
+}
+
 /// The `resnet-serve` binary built for this test run.
 pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_resnet-serve"))

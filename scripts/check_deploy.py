@@ -4,7 +4,7 @@
 Run by scripts/validate-deploy.sh (inside its venv: needs PyYAML and kubernetes-validate).
 Schema validation proper is done there by kubernetes-validate and check-jsonschema; this file
 checks what no schema knows: probes on the service's routes, ports that agree, every RESNET_*
-variable being one that src/config.rs reads (with a value it parses), drain timing, the
+variable being one that src/cli/args.rs reads (with a value it parses), drain timing, the
 Dockerfiles' build commands and runtime settings, and what .dockerignore lets into the build.
 """
 
@@ -82,8 +82,8 @@ def load_yaml_docs(path: Path) -> list[dict]:
 
 
 def config_variables() -> dict[str, str]:
-    """RESNET_* variable -> Rust type of its field, from the clap attributes in src/config.rs."""
-    source = (ROOT / "src" / "config.rs").read_text()
+    """RESNET_* variable -> Rust type of its field, from the clap attributes in src/cli/args.rs."""
+    source = (ROOT / "src" / "cli" / "args.rs").read_text()
     pattern = re.compile(
         r'env\s*=\s*"(RESNET_[A-Z0-9_]+)"[^\]]*\]\s*pub\s+\w+\s*:\s*([A-Za-z0-9_:<>]+)'
     )
@@ -793,8 +793,8 @@ def check_variables(
     manifest_containers: list[tuple[str, dict]],
     dockerfile_env: list[tuple[str, list[tuple[str, str]]]],
 ) -> None:
-    report.section("RESNET_* variables against src/config.rs")
-    report.check(len(config) >= 10, f"src/config.rs declares {len(config)} RESNET_* variables")
+    report.section("RESNET_* variables against src/cli/args.rs")
+    report.check(len(config) >= 10, f"src/cli/args.rs declares {len(config)} RESNET_* variables")
     scanned = DOCKERFILES + sorted(p for p in (ROOT / "deploy").rglob("*") if p.is_file())
     seen: dict[str, set[str]] = {}
     for path in scanned:
@@ -806,7 +806,7 @@ def check_variables(
     for token in sorted(seen):
         report.check(
             token in config,
-            f"{token} is read by src/config.rs",
+            f"{token} is read by src/cli/args.rs",
             f'used in {", ".join(sorted(seen[token]))} but no flag has env = "{token}"',
         )
     # `serve` never downloads: RESNET_OFFLINE is accepted for old configurations, with a warning.

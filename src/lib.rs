@@ -1,6 +1,5 @@
 //! resnet-serve: an HTTP inference service for CIFAR ResNets.
 //!
-//! - [`config`]: every flag and its `RESNET_*` environment variable.
 //! - [`model`]: architecture spec, weights loading, PyTorch conversion, download, and the
 //!   forward-pass engines behind one [`model::Model`].
 //! - [`preprocess`]: image bytes to normalised tensors, as torchvision does.
@@ -14,11 +13,12 @@
 //! - [`shutdown`]: readiness and the signals that start a graceful shutdown.
 //! - [`connections`]: accepting connections: the connection cap, header timeout, bounded drain.
 //! - [`server`]: server configuration, first-run weights, and `run(listener, ..., shutdown)`.
-//! - [`cli`]: the subcommands besides `serve`: `eval`, `bench`, `preprocess`, `healthcheck`.
+//! - [`cli`]: the command line: every flag and its `RESNET_*` environment variable
+//!   ([`cli::args`]), and the subcommands besides `serve`: `eval`, `bench`, `preprocess`,
+//!   `healthcheck`.
 
 pub mod batcher;
 pub mod cli;
-pub mod config;
 pub mod connections;
 pub mod grpc;
 pub mod http;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches};
-use resnet_serve::config::{Cli, Command, LogFormat, ServeArgs};
+use resnet_serve::cli::args::{Cli, Command, LogFormat, ServeArgs};
 use resnet_serve::telemetry::{Telemetry, TelemetryOptions};
 
 fn main() -> ExitCode {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::batcher::{BatchPolicy, Batcher, BatcherConfig, Classifier};
-use crate::config::ServeArgs;
+use crate::cli::args::ServeArgs;
 use crate::connections::{self, ConnectionLimits};
 use crate::grpc::{self, GrpcOptions};
 use crate::http::auth::AccessConfig;

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use resnet_serve::cli::args::{DeviceChoice, EngineChoice, ModelArgs, SimdChoice};
 use resnet_serve::cli::eval::{evaluate, load_reference, LabelledImages};
-use resnet_serve::config::{DeviceChoice, EngineChoice, ModelArgs, SimdChoice};
 use resnet_serve::model::fast::{FastOptions, FastResNet, SimdLevel, Threading};
 use resnet_serve::model::{Checkpoint, Model, ModelError, Shortcut, IMAGE_FLOATS};
 use resnet_serve::preprocess::normalize_chw;

@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::Path;
 
-use resnet_serve::config::FetchArgs;
+use resnet_serve::cli::args::FetchArgs;
 use resnet_serve::model::fetch::{fetch_weights, FetchError, DEFAULT_SHA256};
 use resnet_serve::model::weights::{IMAGENET_MEAN, IMAGENET_STD};
 use resnet_serve::model::Checkpoint;

@@ -10,7 +10,7 @@ use http_util::{client, error_code, fake_info, solid_png, FakeModel, Gate, TestS
 use reqwest::blocking::multipart::{Form, Part};
 use reqwest::blocking::RequestBuilder;
 use reqwest::Method;
-use resnet_serve::config::{Cli, Command};
+use resnet_serve::cli::args::{Cli, Command};
 use resnet_serve::http::auth::{AccessConfig, AccessError, ApiKey};
 use resnet_serve::http::cors::CorsOrigins;
 use resnet_serve::server::ServerConfig;

@@ -231,7 +231,7 @@ fn cli_reports_broken_weights_with_nonzero_exit() {
 
 #[test]
 fn other_depths_and_class_counts_load_and_run() {
-    use resnet_serve::config::{DeviceChoice, EngineChoice, ModelArgs, SimdChoice};
+    use resnet_serve::cli::args::{DeviceChoice, EngineChoice, ModelArgs, SimdChoice};
     use resnet_serve::model::Model;
     let Some(path) = common::shared_file("models/resnet56-seed-random.safetensors") else {
         return;

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use serde::Serialize;
 
-use crate::config::BenchArgs;
+use crate::cli::args::BenchArgs;
 use crate::model::{Model, IMAGE_FLOATS};
 
 /// One line of `bench` output.

@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
-use crate::config::EvalArgs;
+use crate::cli::args::EvalArgs;
 use crate::model::{Model, IMAGE_FLOATS, INPUT_CHANNELS, INPUT_SIZE};
 use crate::preprocess::normalize_chw;
 

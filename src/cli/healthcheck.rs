@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::config::HealthcheckArgs;
+use crate::cli::args::HealthcheckArgs;
 
 /// The most of the answer read: the status line is all that matters.
 const MAX_RESPONSE_BYTES: u64 = 4096;

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 
-use crate::config::PreprocessArgs;
+use crate::cli::args::PreprocessArgs;
 use crate::http::error::ApiError;
 use crate::model::weights::{Checkpoint, WeightsSource};
 use crate::model::{INPUT_CHANNELS, INPUT_SIZE};

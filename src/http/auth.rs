@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::cors::CorsOrigins;
 use super::error::ApiError;
-use crate::config::ServeArgs;
+use crate::cli::args::ServeArgs;
 
 /// Paths under these prefixes never need the key: probes carry no credentials.
 const OPEN_PREFIXES: [&str; 2] = ["/health/", "/v2/health/"];

@@ -13,7 +13,7 @@ use super::weights::{
     default_labels, Checkpoint, ModelMetadata, WeightsError, IMAGENET_MEAN, IMAGENET_STD,
     NOTEBOOK_MEAN, NOTEBOOK_STD,
 };
-use crate::config::ConvertArgs;
+use crate::cli::args::ConvertArgs;
 
 /// Largest checkpoint file read (a ResNet110 checkpoint is under 8 MiB).
 pub const MAX_INPUT_BYTES: u64 = 1 << 30;

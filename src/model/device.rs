@@ -4,7 +4,7 @@
 use candle_core::Device;
 
 use super::ModelError;
-use crate::config::DeviceChoice;
+use crate::cli::args::DeviceChoice;
 
 /// How to get going without a GPU; ends every CUDA device error.
 const RUN_ON_CPU: &str =

@@ -9,7 +9,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use super::convert::{self, ConvertError, ConvertOptions, Normalization, NormalizationPreset};
-use crate::config::FetchArgs;
+use crate::cli::args::FetchArgs;
 
 /// The public pretrained ResNet56 (BSD-2-Clause, Yerlan Idelbayev).
 pub const DEFAULT_URL: &str =

@@ -16,7 +16,7 @@ pub mod weights;
 use candle_core::{Device, Module, Tensor};
 
 use self::candle::BatchNormMode;
-use crate::config::{DeviceChoice, EngineChoice, ModelArgs};
+use crate::cli::args::{DeviceChoice, EngineChoice, ModelArgs};
 pub use device::{check_device, device_name, select_device};
 pub use spec::{ModelSpec, Shortcut, INPUT_CHANNELS, INPUT_SIZE};
 pub use weights::{Checkpoint, ModelMetadata, WeightsError, WeightsOrigin, WeightsSource};

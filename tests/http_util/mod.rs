@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use resnet_serve::batcher::{Classifier, ForwardError};
-use resnet_serve::config::{DeviceChoice, EngineChoice, ModelArgs, SimdChoice};
+use resnet_serve::cli::args::{DeviceChoice, EngineChoice, ModelArgs, SimdChoice};
 use resnet_serve::connections::ConnectionLimits;
 use resnet_serve::infer::ModelInfo;
 use resnet_serve::model::Model;

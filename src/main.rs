@@ -111,7 +111,7 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
 
 /// `serve` once logging is set up.
 fn serve_with(args: &ServeArgs, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
-    use resnet_serve::{infer::ModelInfo, model::Model, server};
+    use resnet_serve::{infer::ModelInfo, model::LoadOptions, model::Model, server};
 
     let access = resnet_serve::http::auth::AccessConfig::from_args(args)?;
     tracing::info!(
@@ -128,7 +128,7 @@ fn serve_with(args: &ServeArgs, runtime: &tokio::runtime::Runtime) -> anyhow::Re
     }
     // A device that cannot be opened fails now, with a message saying what is missing.
     resnet_serve::model::check_device(args.model.device)?;
-    let model = Model::load(&args.model)?;
+    let model = Model::load(&LoadOptions::from(&args.model))?;
     let info = ModelInfo::from_model(&model);
     tracing::info!(
         model = %info.name,

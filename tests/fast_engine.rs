@@ -8,10 +8,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use resnet_serve::cli::args::{DeviceChoice, EngineChoice, ModelArgs, SimdChoice};
 use resnet_serve::cli::eval::{evaluate, load_reference, LabelledImages};
 use resnet_serve::model::fast::{FastOptions, FastResNet, SimdLevel, Threading};
-use resnet_serve::model::{Checkpoint, Model, ModelError, Shortcut, IMAGE_FLOATS};
+use resnet_serve::model::{
+    Checkpoint, DeviceChoice, EngineChoice, LoadOptions, Model, ModelError, Shortcut, SimdChoice,
+    IMAGE_FLOATS,
+};
 use resnet_serve::preprocess::normalize_chw;
 use safetensors::tensor::TensorView;
 
@@ -19,8 +21,8 @@ const SEED_WEIGHTS: &str = "models/resnet56-seed-random.safetensors";
 const TEST_IMAGES: &str = "data/cifar10-test-846.safetensors";
 const REFERENCE: &str = "reference/logits.safetensors";
 
-fn args(weights: &Path, engine: EngineChoice, simd: SimdChoice, threads: usize) -> ModelArgs {
-    ModelArgs {
+fn options(weights: &Path, engine: EngineChoice, simd: SimdChoice, threads: usize) -> LoadOptions {
+    LoadOptions {
         weights: Some(weights.to_path_buf()),
         device: DeviceChoice::Cpu,
         engine,
@@ -64,8 +66,13 @@ fn every_simd_level_matches_the_pytorch_reference_on_odd_batches() {
             continue;
         }
         for threads in [1, 2] {
-            let model =
-                Model::load(&args(&weights, EngineChoice::Fast, choice(level), threads)).unwrap();
+            let model = Model::load(&options(
+                &weights,
+                EngineChoice::Fast,
+                choice(level),
+                threads,
+            ))
+            .unwrap();
             assert_eq!(model.engine_name(), format!("fast-{level}"));
             for batch in [1, 3, 17, 64] {
                 let report = evaluate(&model, &data, Some(&reference), batch).unwrap();
@@ -90,7 +97,7 @@ fn auto_engine_matches_the_reference_on_the_whole_test_set() {
     let Some((weights, data, reference)) = first_images(usize::MAX) else {
         return;
     };
-    let model = Model::load(&args(&weights, EngineChoice::Auto, SimdChoice::Auto, 0)).unwrap();
+    let model = Model::load(&options(&weights, EngineChoice::Auto, SimdChoice::Auto, 0)).unwrap();
     assert_eq!(model.engine_name(), format!("fast-{}", SimdLevel::detect()));
     let report = evaluate(&model, &data, Some(&reference), 64).unwrap();
     assert_eq!(report.images, 846);
@@ -170,7 +177,7 @@ fn build(ckpt: &Checkpoint, engine: EngineChoice, simd: SimdChoice, threads: usi
         tensors: ckpt.tensors.clone(),
         origin: ckpt.origin.clone(),
     };
-    Model::from_checkpoint(copy, &args(Path::new("unused"), engine, simd, threads)).unwrap()
+    Model::from_checkpoint(copy, &options(Path::new("unused"), engine, simd, threads)).unwrap()
 }
 
 /// The zero-pad shortcut and bias-free folding, against the candle engine on the same inputs.
@@ -214,12 +221,18 @@ fn engine_choice_on_the_cpu() {
     let Some(weights) = common::shared_file(SEED_WEIGHTS) else {
         return;
     };
-    let candle = Model::load(&args(&weights, EngineChoice::Candle, SimdChoice::Auto, 0)).unwrap();
+    let candle = Model::load(&options(
+        &weights,
+        EngineChoice::Candle,
+        SimdChoice::Auto,
+        0,
+    ))
+    .unwrap();
     assert_eq!(candle.engine_name(), "candle");
     // The model worker owns the model on its own thread: the fast engine must allow that.
     fn shareable<T: Send + Sync>(_: &T) {}
     for level in [SimdLevel::Avx512, SimdLevel::Avx2, SimdLevel::Scalar] {
-        let result = Model::load(&args(&weights, EngineChoice::Fast, choice(level), 1));
+        let result = Model::load(&options(&weights, EngineChoice::Fast, choice(level), 1));
         if level.is_supported() {
             let model = result.unwrap();
             shareable(&model);
@@ -253,7 +266,7 @@ fn absurd_thread_counts_are_errors() {
     let Some(weights) = common::shared_file(SEED_WEIGHTS) else {
         return;
     };
-    let err = Model::load(&args(
+    let err = Model::load(&options(
         &weights,
         EngineChoice::Fast,
         SimdChoice::Auto,

@@ -231,8 +231,7 @@ fn cli_reports_broken_weights_with_nonzero_exit() {
 
 #[test]
 fn other_depths_and_class_counts_load_and_run() {
-    use resnet_serve::cli::args::{DeviceChoice, EngineChoice, ModelArgs, SimdChoice};
-    use resnet_serve::model::Model;
+    use resnet_serve::model::{DeviceChoice, EngineChoice, LoadOptions, Model, SimdChoice};
     let Some(path) = common::shared_file("models/resnet56-seed-random.safetensors") else {
         return;
     };
@@ -249,14 +248,14 @@ fn other_depths_and_class_counts_load_and_run() {
     let ckpt = load_bytes(&write_safetensors(&tensors, None)).unwrap();
     assert_eq!((ckpt.spec.depth(), ckpt.spec.num_classes), (20, 100));
     assert_eq!(ckpt.metadata.labels[99], "class_99");
-    let args = ModelArgs {
+    let options = LoadOptions {
         weights: Some(path.clone()),
         device: DeviceChoice::Cpu,
         engine: EngineChoice::Candle,
         simd: SimdChoice::Auto,
         threads: 1,
     };
-    let model = Model::from_checkpoint(ckpt, &args).unwrap();
+    let model = Model::from_checkpoint(ckpt, &options).unwrap();
     let logits = model.logits(&vec![0.1; 2 * 3 * 32 * 32], 2).unwrap();
     assert_eq!(logits.len(), 200);
     assert!(logits.iter().all(|v| v.is_finite()));

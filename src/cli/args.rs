@@ -3,7 +3,11 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+use clap::builder::PossibleValue;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::model::convert::NormalizationPreset;
+use crate::model::{DeviceChoice, EngineChoice, LoadOptions, SimdChoice};
 
 /// The weights path used when `--weights` is not given (and a file is there).
 pub const DEFAULT_WEIGHTS: &str = crate::model::weights::DEFAULT_WEIGHTS_PATH;
@@ -50,65 +54,6 @@ pub enum Command {
     Preprocess(PreprocessArgs),
 }
 
-/// Where the model runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceChoice {
-    /// CUDA when built with it and a GPU is present, else CPU.
-    Auto,
-    Cpu,
-    Cuda(usize),
-}
-
-impl std::str::FromStr for DeviceChoice {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda(0)),
-            other => other
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Self::Cuda)
-                .ok_or_else(|| format!("expected auto, cpu, cuda or cuda:N, got {other:?}")),
-        }
-    }
-}
-
-impl std::fmt::Display for DeviceChoice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Auto => f.write_str("auto"),
-            Self::Cpu => f.write_str("cpu"),
-            Self::Cuda(n) => write!(f, "cuda:{n}"),
-        }
-    }
-}
-
-/// Which implementation of the forward pass runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum EngineChoice {
-    /// The fused CPU kernels on CPU, candle-nn on CUDA.
-    Auto,
-    /// Batch-norm-folded, channels-last, fused SIMD kernels (CPU only).
-    Fast,
-    /// The plain candle-nn layers: the reference implementation, and the CUDA path (there with
-    /// batch norm folded into the convolutions).
-    Candle,
-}
-
-/// SIMD instruction set for the fast CPU kernels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum SimdChoice {
-    /// The best the CPU supports, detected at run time.
-    Auto,
-    Avx512,
-    Avx2,
-    /// Portable scalar code, correct everywhere.
-    Scalar,
-}
-
 /// How to build the model: shared by every subcommand that runs it.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
@@ -119,20 +64,91 @@ pub struct ModelArgs {
     pub weights: Option<PathBuf>,
 
     /// Device: auto, cpu, cuda or cuda:N (auto = CUDA when built with it and present).
-    #[arg(long, env = "RESNET_DEVICE", default_value = "auto")]
+    #[arg(long, env = "RESNET_DEVICE", default_value_t = LoadOptions::default().device)]
     pub device: DeviceChoice,
 
     /// Forward-pass implementation.
-    #[arg(long, env = "RESNET_ENGINE", value_enum, default_value_t = EngineChoice::Auto)]
+    #[arg(long, env = "RESNET_ENGINE", value_enum, default_value_t = LoadOptions::default().engine)]
     pub engine: EngineChoice,
 
     /// SIMD level of the fast CPU engine.
-    #[arg(long, env = "RESNET_SIMD", value_enum, default_value_t = SimdChoice::Auto)]
+    #[arg(long, env = "RESNET_SIMD", value_enum, default_value_t = LoadOptions::default().simd)]
     pub simd: SimdChoice,
 
     /// Threads for the fast CPU engine (0 = one per available core).
-    #[arg(long, env = "RESNET_THREADS", default_value_t = 0)]
+    #[arg(long, env = "RESNET_THREADS", default_value_t = LoadOptions::default().threads)]
     pub threads: usize,
+}
+
+impl From<&ModelArgs> for LoadOptions {
+    fn from(args: &ModelArgs) -> Self {
+        Self {
+            weights: args.weights.clone(),
+            device: args.device,
+            engine: args.engine,
+            simd: args.simd,
+            threads: args.threads,
+        }
+    }
+}
+
+// The model's choices as clap values, by hand: the model module does not depend on clap. Names
+// and help are what `#[derive(ValueEnum)]` made of the variants and their doc comments.
+
+impl ValueEnum for EngineChoice {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::Auto, Self::Fast, Self::Candle]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(match self {
+            Self::Auto => {
+                PossibleValue::new("auto").help("The fused CPU kernels on CPU, candle-nn on CUDA")
+            }
+            Self::Fast => PossibleValue::new("fast")
+                .help("Batch-norm-folded, channels-last, fused SIMD kernels (CPU only)"),
+            Self::Candle => PossibleValue::new("candle").help(
+                "The plain candle-nn layers: the reference implementation, and the CUDA path \
+                 (there with batch norm folded into the convolutions)",
+            ),
+        })
+    }
+}
+
+impl ValueEnum for SimdChoice {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::Auto, Self::Avx512, Self::Avx2, Self::Scalar]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(match self {
+            Self::Auto => {
+                PossibleValue::new("auto").help("The best the CPU supports, detected at run time")
+            }
+            Self::Avx512 => PossibleValue::new("avx512"),
+            Self::Avx2 => PossibleValue::new("avx2"),
+            Self::Scalar => {
+                PossibleValue::new("scalar").help("Portable scalar code, correct everywhere")
+            }
+        })
+    }
+}
+
+impl ValueEnum for NormalizationPreset {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::Imagenet, Self::Notebook]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(match self {
+            Self::Imagenet => PossibleValue::new("imagenet").help(
+                "mean 0.485,0.456,0.406 / std 0.229,0.224,0.225: what the public 2018 CIFAR \
+                 ResNet checkpoints were trained with",
+            ),
+            Self::Notebook => PossibleValue::new("notebook")
+                .help("mean 0.491,0.482,0.447 / std 0.247,0.243,0.262: the seed notebook's values"),
+        })
+    }
 }
 
 /// Log output format.
@@ -283,7 +299,7 @@ pub struct ConvertArgs {
     pub name: Option<String>,
     /// Normalisation preset (default: detected, see below).
     #[arg(long, value_enum, conflicts_with_all = ["mean", "std"])]
-    pub preset: Option<crate::model::convert::NormalizationPreset>,
+    pub preset: Option<NormalizationPreset>,
     /// Provenance text stored as metadata and shown by `/v1/model` (default: `converted from
     /// INPUT`): where the checkpoint came from, its authors and licence.
     #[arg(long)]
@@ -402,9 +418,29 @@ mod tests {
     }
 
     #[test]
-    fn device_choices_parse() {
-        assert_eq!("cuda:1".parse::<DeviceChoice>(), Ok(DeviceChoice::Cuda(1)));
-        assert_eq!("cuda".parse::<DeviceChoice>(), Ok(DeviceChoice::Cuda(0)));
-        assert!("gpu".parse::<DeviceChoice>().is_err());
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn model_flags_default_to_the_model_defaults() {
+        let args = serve_args(&["resnet-serve"]);
+        assert_eq!(LoadOptions::from(&args.model), LoadOptions::default());
+    }
+
+    /// Every variant has a value, and each parses back to itself.
+    fn round_trips<T: ValueEnum + PartialEq + std::fmt::Debug>() {
+        for variant in T::value_variants() {
+            let value = variant.to_possible_value().expect("no variant is skipped");
+            assert_eq!(T::from_str(value.get_name(), false).as_ref(), Ok(variant));
+        }
+    }
+
+    #[test]
+    fn hand_written_value_enums_round_trip() {
+        round_trips::<EngineChoice>();
+        round_trips::<SimdChoice>();
+        round_trips::<NormalizationPreset>();
     }
 }

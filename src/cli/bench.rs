@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 
 use crate::cli::args::BenchArgs;
-use crate::model::{Model, IMAGE_FLOATS};
+use crate::model::{LoadOptions, Model, IMAGE_FLOATS};
 
 /// One line of `bench` output.
 #[derive(Debug, Serialize)]
@@ -68,7 +68,7 @@ pub fn measure(model: &Model, batch_size: usize, seconds: f64) -> Result<BenchLi
 
 /// The `bench` subcommand: one JSON line per batch size.
 pub fn run(args: &BenchArgs) -> Result<()> {
-    let model = Model::load(&args.model)?;
+    let model = Model::load(&LoadOptions::from(&args.model))?;
     for &batch_size in &args.batch_sizes {
         let line = measure(&model, batch_size, args.seconds)?;
         println!("{}", serde_json::to_string(&line)?);

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use crate::cli::args::EvalArgs;
-use crate::model::{Model, IMAGE_FLOATS, INPUT_CHANNELS, INPUT_SIZE};
+use crate::model::{LoadOptions, Model, IMAGE_FLOATS, INPUT_CHANNELS, INPUT_SIZE};
 use crate::preprocess::normalize_chw;
 
 /// What `eval --json` prints.
@@ -156,7 +156,7 @@ pub fn load_reference(path: &Path, key: &str) -> Result<Vec<f32>> {
 
 /// The `eval` subcommand.
 pub fn run(args: &EvalArgs) -> Result<()> {
-    let model = Model::load(&args.model)?;
+    let model = Model::load(&LoadOptions::from(&args.model))?;
     let data = LabelledImages::load(&args.data)?;
     let reference = args
         .reference

@@ -76,7 +76,7 @@ pub enum ConvertError {
 }
 
 /// A named training normalisation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NormalizationPreset {
     /// mean 0.485,0.456,0.406 / std 0.229,0.224,0.225: what the public 2018 CIFAR ResNet
     /// checkpoints were trained with.

@@ -3,8 +3,7 @@
 
 use candle_core::Device;
 
-use super::ModelError;
-use crate::cli::args::DeviceChoice;
+use super::{DeviceChoice, ModelError};
 
 /// How to get going without a GPU; ends every CUDA device error.
 const RUN_ON_CPU: &str =

@@ -8,6 +8,7 @@ pub mod embedded;
 pub mod fast;
 pub mod fetch;
 pub mod fold;
+mod options;
 pub mod pytorch;
 mod pytorch_pickle;
 pub mod spec;
@@ -16,8 +17,8 @@ pub mod weights;
 use candle_core::{Device, Module, Tensor};
 
 use self::candle::BatchNormMode;
-use crate::cli::args::{DeviceChoice, EngineChoice, ModelArgs};
 pub use device::{check_device, device_name, select_device};
+pub use options::{DeviceChoice, EngineChoice, LoadOptions, SimdChoice};
 pub use spec::{ModelSpec, Shortcut, INPUT_CHANNELS, INPUT_SIZE};
 pub use weights::{Checkpoint, ModelMetadata, WeightsError, WeightsOrigin, WeightsSource};
 
@@ -68,17 +69,21 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads the weights the arguments name (or the default ones, see
+    /// Loads the weights the options name (or the default ones, see
     /// [`WeightsSource::resolve`]) and builds the engine they ask for.
-    pub fn load(args: &ModelArgs) -> Result<Self, ModelError> {
-        let source = WeightsSource::resolve(args.weights.as_deref())?;
+    pub fn load(options: &LoadOptions) -> Result<Self, ModelError> {
+        let source = WeightsSource::resolve(options.weights.as_deref())?;
         let checkpoint = Checkpoint::load_source(&source)?;
-        Self::from_checkpoint(checkpoint, args)
+        Self::from_checkpoint(checkpoint, options)
     }
 
-    /// Builds the engine the arguments ask for from already loaded weights.
-    pub fn from_checkpoint(checkpoint: Checkpoint, args: &ModelArgs) -> Result<Self, ModelError> {
-        let device = select_device(args.device)?;
+    /// Builds the engine the options ask for from already loaded weights (their `weights` is
+    /// not read).
+    pub fn from_checkpoint(
+        checkpoint: Checkpoint,
+        options: &LoadOptions,
+    ) -> Result<Self, ModelError> {
+        let device = select_device(options.device)?;
         let Checkpoint {
             spec,
             metadata,
@@ -86,16 +91,16 @@ impl Model {
             origin,
         } = checkpoint;
         let on_cpu = device.is_cpu();
-        let engine = match args.engine {
+        let engine = match options.engine {
             EngineChoice::Fast if !on_cpu => {
                 return Err(ModelError::Engine {
-                    engine: args.engine,
+                    engine: options.engine,
                     device: device_name(&device),
                     reason: FAST_ENGINE_IS_CPU_ONLY.into(),
                 })
             }
             EngineChoice::Fast | EngineChoice::Auto if on_cpu => Engine::Fast(
-                fast::FastResNet::new(&spec, &tensors, args.simd, args.threads)?,
+                fast::FastResNet::new(&spec, &tensors, options.simd, options.threads)?,
             ),
             _ => Engine::Candle(candle::CandleResNet::from_tensors(
                 &spec,

@@ -10,10 +10,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use resnet_serve::batcher::{Classifier, ForwardError};
-use resnet_serve::cli::args::{DeviceChoice, EngineChoice, ModelArgs, SimdChoice};
 use resnet_serve::connections::ConnectionLimits;
 use resnet_serve::infer::ModelInfo;
-use resnet_serve::model::Model;
+use resnet_serve::model::{DeviceChoice, EngineChoice, LoadOptions, Model, SimdChoice};
 use resnet_serve::server::{self, ServerConfig, ServerError};
 
 use super::common;
@@ -307,7 +306,7 @@ pub fn seed_model() -> Option<(Model, ModelInfo)> {
 }
 
 pub fn weights_model(weights: std::path::PathBuf) -> Option<(Model, ModelInfo)> {
-    let model = Model::load(&ModelArgs {
+    let model = Model::load(&LoadOptions {
         weights: Some(weights),
         device: DeviceChoice::Cpu,
         engine: EngineChoice::Auto,

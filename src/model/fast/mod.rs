@@ -34,7 +34,7 @@ pub use self::simd::{SimdLevel, UnsupportedSimd};
 use self::winograd::Scratch;
 use self::workspace::Buffers;
 use super::spec::{ModelSpec, INPUT_CHANNELS, INPUT_SIZE};
-use crate::cli::args::SimdChoice;
+use super::SimdChoice;
 
 /// Why the fast engine could not be built.
 #[derive(Debug, thiserror::Error)]

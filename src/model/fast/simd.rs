@@ -1,7 +1,7 @@
 //! Which SIMD instruction set the fast engine's kernels use: run-time detection of what the CPU
 //! offers, and the check that a forced level is actually available.
 
-use crate::cli::args::SimdChoice;
+use crate::model::SimdChoice;
 
 /// An instruction set the kernels are written for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,8 +14,8 @@
 //! - [`connections`]: accepting connections: the connection cap, header timeout, bounded drain.
 //! - [`server`]: server configuration, first-run weights, and `run(listener, ..., shutdown)`.
 //! - [`cli`]: the command line: every flag and its `RESNET_*` environment variable
-//!   ([`cli::args`]), and the subcommands besides `serve`: `eval`, `bench`, `preprocess`,
-//!   `healthcheck`.
+//!   ([`cli::args`]), and the subcommands besides `serve`: `convert`, `fetch-weights`, `eval`,
+//!   `bench`, `preprocess`, `healthcheck`.
 
 pub mod batcher;
 pub mod cli;

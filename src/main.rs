@@ -25,12 +25,8 @@ fn main() -> ExitCode {
         Command::Eval(args) => resnet_serve::cli::eval::run(args),
         Command::Bench(args) => resnet_serve::cli::bench::run(args),
         Command::Preprocess(args) => resnet_serve::cli::preprocess::run(args),
-        Command::Convert(args) => resnet_serve::model::convert::run(args)
-            .map(|_| ())
-            .map_err(Into::into),
-        Command::FetchWeights(args) => resnet_serve::model::fetch::fetch_weights(args)
-            .map(|_| ())
-            .map_err(Into::into),
+        Command::Convert(args) => resnet_serve::cli::convert::run(args),
+        Command::FetchWeights(args) => resnet_serve::cli::fetch::run(args),
         Command::Healthcheck(args) => resnet_serve::cli::healthcheck::run(args),
     };
     match result {

@@ -9,8 +9,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::Path;
 
-use resnet_serve::cli::args::FetchArgs;
-use resnet_serve::model::fetch::{fetch_weights, FetchError, DEFAULT_SHA256};
+use resnet_serve::model::fetch::{fetch_weights, FetchError, FetchOptions, DEFAULT_SHA256};
 use resnet_serve::model::weights::{IMAGENET_MEAN, IMAGENET_STD};
 use resnet_serve::model::Checkpoint;
 
@@ -152,8 +151,8 @@ fn missing_file_and_cut_off_download_fail_clearly() {
         "{stderr}"
     );
 
-    // The library function behind `serve`'s first run reports the same, as a typed error.
-    let err = fetch_weights(&FetchArgs {
+    // The library function behind `fetch-weights` reports the same, as a typed error.
+    let err = fetch_weights(&FetchOptions {
         url: format!("{base}/nothing-here.th"),
         sha256: DEFAULT_SHA256.into(),
         output: output.clone(),

@@ -7,10 +7,9 @@ use clap::builder::PossibleValue;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::model::convert::NormalizationPreset;
+use crate::model::fetch::{DEFAULT_SHA256, DEFAULT_URL};
+use crate::model::weights::DEFAULT_WEIGHTS_PATH;
 use crate::model::{DeviceChoice, EngineChoice, LoadOptions, SimdChoice};
-
-/// The weights path used when `--weights` is not given (and a file is there).
-pub const DEFAULT_WEIGHTS: &str = crate::model::weights::DEFAULT_WEIGHTS_PATH;
 
 /// resnet-serve: classify images with a CIFAR ResNet over HTTP.
 #[derive(Debug, Parser)]
@@ -311,14 +310,14 @@ pub struct FetchArgs {
     /// Where to download the checkpoint from. It is converted with the imagenet normalisation
     /// and the name resnet56, as the default checkpoint needs; convert other checkpoints with
     /// `convert`.
-    #[arg(long, env = "RESNET_WEIGHTS_URL", default_value = crate::model::fetch::DEFAULT_URL)]
+    #[arg(long, env = "RESNET_WEIGHTS_URL", default_value = DEFAULT_URL)]
     pub url: String,
     /// Expected sha256 of the download (hex).
-    #[arg(long, env = "RESNET_WEIGHTS_SHA256", default_value = crate::model::fetch::DEFAULT_SHA256)]
+    #[arg(long, env = "RESNET_WEIGHTS_SHA256", default_value = DEFAULT_SHA256)]
     pub sha256: String,
     /// Output safetensors file (written atomically; parent directories are created). Shares
     /// `RESNET_WEIGHTS` with `serve`, so a fetch writes where the server reads.
-    #[arg(long, env = "RESNET_WEIGHTS", default_value = DEFAULT_WEIGHTS)]
+    #[arg(long, env = "RESNET_WEIGHTS", default_value = DEFAULT_WEIGHTS_PATH)]
     pub output: PathBuf,
 }
 
@@ -401,6 +400,7 @@ pub struct PreprocessArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::fetch::FetchOptions;
 
     fn serve_args(argv: &[&str]) -> ServeArgs {
         match Cli::try_parse_from(argv).unwrap().into_command() {
@@ -435,6 +435,15 @@ mod tests {
             let value = variant.to_possible_value().expect("no variant is skipped");
             assert_eq!(T::from_str(value.get_name(), false).as_ref(), Ok(variant));
         }
+    }
+
+    #[test]
+    fn fetch_flags_default_to_the_fetch_defaults() {
+        let cli = Cli::try_parse_from(["resnet-serve", "fetch-weights"]).unwrap();
+        let Command::FetchWeights(args) = cli.into_command() else {
+            panic!("expected fetch-weights");
+        };
+        assert_eq!(FetchOptions::from(&args), FetchOptions::default());
     }
 
     #[test]

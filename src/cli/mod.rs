@@ -1,9 +1,13 @@
-//! Subcommands besides `serve`: `eval` (accuracy and parity), `bench` (throughput),
-//! `preprocess` (the exact model input of image files) and `healthcheck` (the container image's
-//! liveness check); and [`args`], every flag of every subcommand with its `RESNET_*` variable.
+//! The command line: [`args`], every flag of every subcommand with its `RESNET_*` variable, and
+//! the subcommands besides `serve`, which turn flags into the domain modules' options: `convert`
+//! (a PyTorch checkpoint to a weights file), `fetch-weights` (the pretrained checkpoint),
+//! `eval` (accuracy and parity), `bench` (throughput), `preprocess` (the exact model input of
+//! image files) and `healthcheck` (the container image's liveness check).
 
 pub mod args;
 pub mod bench;
+pub mod convert;
 pub mod eval;
+pub mod fetch;
 pub mod healthcheck;
 pub mod preprocess;

@@ -13,7 +13,6 @@ use super::weights::{
     default_labels, Checkpoint, ModelMetadata, WeightsError, IMAGENET_MEAN, IMAGENET_STD,
     NOTEBOOK_MEAN, NOTEBOOK_STD,
 };
-use crate::cli::args::ConvertArgs;
 
 /// Largest checkpoint file read (a ResNet110 checkpoint is under 8 MiB).
 pub const MAX_INPUT_BYTES: u64 = 1 << 30;
@@ -116,40 +115,6 @@ pub struct ConvertOptions {
     pub name: Option<String>,
     /// Provenance text; `converted from FILE` when absent.
     pub source: Option<String>,
-}
-
-impl ConvertOptions {
-    /// The options the `convert` command line asks for.
-    pub fn from_args(args: &ConvertArgs) -> Result<Self, ConvertError> {
-        let invalid = |reason: String| ConvertError::InvalidOption {
-            path: args.input.clone(),
-            reason,
-        };
-        let triple = |flag: &str, values: &[f32]| -> Result<[f32; 3], ConvertError> {
-            values
-                .try_into()
-                .map_err(|_| invalid(format!("--{flag} takes 3 values, got {}", values.len())))
-        };
-        let normalization = match (&args.mean, &args.std, args.preset) {
-            (Some(mean), Some(std), _) => Normalization::Explicit {
-                mean: triple("mean", mean)?,
-                std: triple("std", std)?,
-            },
-            (None, None, Some(preset)) => Normalization::Preset(preset),
-            (None, None, None) => Normalization::Detect,
-            _ => return Err(invalid("--mean and --std go together".into())),
-        };
-        let labels = args
-            .labels
-            .as_ref()
-            .map(|labels| labels.iter().map(|l| l.trim().to_string()).collect());
-        Ok(Self {
-            normalization,
-            labels,
-            name: args.name.clone(),
-            source: args.source.clone(),
-        })
-    }
 }
 
 /// Where the stored normalisation came from.
@@ -399,23 +364,28 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ConvertError> {
     result.map_err(write_err)
 }
 
-/// The `convert` command: read, convert, validate, write.
-pub fn run(args: &ConvertArgs) -> Result<Converted, ConvertError> {
-    let options = ConvertOptions::from_args(args)?;
-    let same_file = std::fs::canonicalize(&args.input)
+/// Converts the checkpoint `input` with `options` into the weights file `output`: read,
+/// convert, validate, write (atomically, parent directories created). `output` may not be
+/// `input`.
+pub fn convert_file(
+    input: &Path,
+    output: &Path,
+    options: &ConvertOptions,
+) -> Result<Converted, ConvertError> {
+    let same_file = std::fs::canonicalize(input)
         .ok()
-        .zip(std::fs::canonicalize(&args.output).ok())
+        .zip(std::fs::canonicalize(output).ok())
         .is_some_and(|(a, b)| a == b);
     if same_file {
         return Err(ConvertError::InvalidOption {
-            path: args.input.clone(),
+            path: input.to_path_buf(),
             reason: "the output would overwrite the input checkpoint".into(),
         });
     }
-    let bytes = read_input(&args.input)?;
-    let converted = convert_bytes(&args.input, &bytes, &options, &args.output)?;
-    write_atomic(&args.output, &converted.bytes)?;
-    log_converted(&args.input, &args.output, &converted);
+    let bytes = read_input(input)?;
+    let converted = convert_bytes(input, &bytes, options, output)?;
+    write_atomic(output, &converted.bytes)?;
+    log_converted(input, output, &converted);
     Ok(converted)
 }
 

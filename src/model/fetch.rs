@@ -9,7 +9,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use super::convert::{self, ConvertError, ConvertOptions, Normalization, NormalizationPreset};
-use crate::cli::args::FetchArgs;
+use super::weights::DEFAULT_WEIGHTS_PATH;
 
 /// The public pretrained ResNet56 (BSD-2-Clause, Yerlan Idelbayev).
 pub const DEFAULT_URL: &str =
@@ -20,6 +20,28 @@ pub const DEFAULT_SHA256: &str = "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54
 pub const MAX_DOWNLOAD_BYTES: u64 = 256 << 20;
 /// The model name stored in the fetched weights.
 pub const FETCHED_MODEL_NAME: &str = "resnet56";
+
+/// What to download and where to write it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchOptions {
+    /// Where the checkpoint is downloaded from.
+    pub url: String,
+    /// Expected sha256 of the download (hex, either case).
+    pub sha256: String,
+    /// The safetensors file written.
+    pub output: PathBuf,
+}
+
+impl Default for FetchOptions {
+    /// The default checkpoint, written where `serve` looks for weights.
+    fn default() -> Self {
+        Self {
+            url: DEFAULT_URL.into(),
+            sha256: DEFAULT_SHA256.into(),
+            output: PathBuf::from(DEFAULT_WEIGHTS_PATH),
+        }
+    }
+}
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -143,12 +165,12 @@ fn download(url: &str, dest: &Path) -> Result<(u64, String), FetchError> {
     Ok((total, digest))
 }
 
-/// Downloads `args.url`, checks its sha256, converts it (imagenet normalisation, name
-/// `resnet56`, source = the URL) and writes `args.output` atomically. Returns the output path.
-/// `serve` calls this on first run when the default weights file is missing.
-pub fn fetch_weights(args: &FetchArgs) -> Result<PathBuf, FetchError> {
-    let expected = parse_sha256(&args.sha256)?;
-    let output = args.output.clone();
+/// Downloads `options.url`, checks its sha256, converts it (imagenet normalisation, name
+/// `resnet56`, source = the URL) and writes `options.output` atomically. Returns the output
+/// path.
+pub fn fetch_weights(options: &FetchOptions) -> Result<PathBuf, FetchError> {
+    let expected = parse_sha256(&options.sha256)?;
+    let output = options.output.clone();
     let dir = match output.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => PathBuf::from("."),
@@ -162,11 +184,11 @@ pub fn fetch_weights(args: &FetchArgs) -> Result<PathBuf, FetchError> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "weights".into());
     let temp = TempFile(dir.join(format!(".{file_name}.download-{}", std::process::id())));
-    tracing::info!(url = %args.url, output = %output.display(), "downloading pretrained weights");
-    let (size, actual) = download(&args.url, &temp.0)?;
+    tracing::info!(url = %options.url, output = %output.display(), "downloading pretrained weights");
+    let (size, actual) = download(&options.url, &temp.0)?;
     if actual != expected {
         return Err(FetchError::ChecksumMismatch {
-            url: args.url.clone(),
+            url: options.url.clone(),
             expected,
             actual,
             output,
@@ -174,14 +196,14 @@ pub fn fetch_weights(args: &FetchArgs) -> Result<PathBuf, FetchError> {
     }
     tracing::info!(bytes = size, sha256 = %actual, "download verified");
     let bytes = convert::read_input(&temp.0)?;
-    let options = ConvertOptions {
+    let convert_options = ConvertOptions {
         normalization: Normalization::Preset(NormalizationPreset::Imagenet),
         labels: None,
         name: Some(FETCHED_MODEL_NAME.into()),
-        source: Some(args.url.clone()),
+        source: Some(options.url.clone()),
     };
-    let label = PathBuf::from(args.url.rsplit('/').next().unwrap_or(&args.url));
-    let converted = convert::convert_bytes(&label, &bytes, &options, &output)?;
+    let label = PathBuf::from(options.url.rsplit('/').next().unwrap_or(&options.url));
+    let converted = convert::convert_bytes(&label, &bytes, &convert_options, &output)?;
     convert::write_atomic(&output, &converted.bytes)?;
     convert::log_converted(&label, &output, &converted);
     Ok(output)

@@ -27,7 +27,7 @@ pub struct ConnectionLimits {
 }
 
 impl Default for ConnectionLimits {
-    /// The command line's defaults.
+    /// The defaults, which `serve`'s flags take too.
     fn default() -> Self {
         Self {
             max_connections: 1024,

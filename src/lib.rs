@@ -12,10 +12,10 @@
 //! - [`telemetry`]: OpenTelemetry trace export (OTLP) and `traceparent` propagation.
 //! - [`shutdown`]: readiness and the signals that start a graceful shutdown.
 //! - [`connections`]: accepting connections: the connection cap, header timeout, bounded drain.
-//! - [`server`]: server configuration, first-run weights, and `run(listener, ..., shutdown)`.
+//! - [`server`]: server configuration and `run(listener, ..., shutdown)`.
 //! - [`cli`]: the command line: every flag and its `RESNET_*` environment variable
-//!   ([`cli::args`]), and the subcommands besides `serve`: `convert`, `fetch-weights`, `eval`,
-//!   `bench`, `preprocess`, `healthcheck`.
+//!   ([`cli::args`]), and every subcommand's handler: `serve`, `convert`, `fetch-weights`,
+//!   `eval`, `bench`, `preprocess`, `healthcheck`.
 
 pub mod batcher;
 pub mod cli;

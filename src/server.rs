@@ -8,7 +8,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::batcher::{BatchPolicy, Batcher, BatcherConfig, Classifier};
-use crate::cli::args::ServeArgs;
 use crate::connections::{self, ConnectionLimits};
 use crate::grpc::{self, GrpcOptions};
 use crate::http::auth::AccessConfig;
@@ -32,12 +31,12 @@ pub struct ServerConfig {
     pub load_truncated_images: bool,
     /// Most images in one `/classify/batch` request.
     pub max_images_per_request: usize,
-    /// API key and CORS; open by default. Not from [`ServerConfig::from_args`]: it reads a file.
+    /// API key and CORS; open by default.
     pub access: AccessConfig,
 }
 
 impl Default for ServerConfig {
-    /// The command line's defaults.
+    /// The defaults, which `serve`'s flags take too.
     fn default() -> Self {
         Self {
             max_batch_size: 64,
@@ -61,33 +60,6 @@ impl ServerConfig {
             max_image_pixels: self.max_image_pixels,
             load_truncated_images: self.load_truncated_images,
             max_batch_size: self.max_batch_size,
-        }
-    }
-
-    /// From `serve`'s flags; a batch request may carry up to one forward pass of images.
-    pub fn from_args(args: &ServeArgs) -> Self {
-        let max_batch_size = args.max_batch_size as usize;
-        Self {
-            max_batch_size,
-            max_batch_delay: Duration::from_millis(args.max_batch_delay_ms),
-            queue_capacity: args.queue_capacity as usize,
-            request_timeout: Duration::from_millis(args.request_timeout_ms),
-            max_body_bytes: args.max_body_bytes,
-            max_image_pixels: args.max_image_pixels,
-            load_truncated_images: args.load_truncated_images,
-            max_images_per_request: max_batch_size,
-            access: AccessConfig::default(),
-        }
-    }
-}
-
-impl ConnectionLimits {
-    /// From `serve`'s flags.
-    pub fn from_args(args: &ServeArgs) -> Self {
-        Self {
-            max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
-            header_read_timeout: Duration::from_millis(args.header_read_timeout_ms),
-            shutdown_timeout: Duration::from_millis(args.shutdown_timeout_ms),
         }
     }
 }

@@ -33,6 +33,17 @@ pub struct TelemetryOptions {
     pub sample_ratio: f64,
 }
 
+impl Default for TelemetryOptions {
+    /// No endpoint of its own (the standard environment decides), every new trace sampled: the
+    /// defaults, which `serve`'s flags take too.
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            sample_ratio: 1.0,
+        }
+    }
+}
+
 impl TelemetryOptions {
     /// Whether traces are exported at all: an endpoint from the flag or the standard
     /// environment.

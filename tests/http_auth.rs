@@ -11,7 +11,7 @@ use reqwest::blocking::multipart::{Form, Part};
 use reqwest::blocking::RequestBuilder;
 use reqwest::Method;
 use resnet_serve::cli::args::{Cli, Command};
-use resnet_serve::http::auth::{AccessConfig, AccessError, ApiKey};
+use resnet_serve::http::auth::{AccessConfig, AccessError, AccessOptions, ApiKey};
 use resnet_serve::http::cors::CorsOrigins;
 use resnet_serve::server::ServerConfig;
 use serde_json::Value;
@@ -175,7 +175,7 @@ fn serve_access(args: &[&str]) -> Result<AccessConfig, AccessError> {
     let cli =
         Cli::try_parse_from(std::iter::once("resnet-serve").chain(args.iter().copied())).unwrap();
     match cli.into_command() {
-        Command::Serve(serve) => AccessConfig::from_args(&serve),
+        Command::Serve(serve) => AccessConfig::from_options(&AccessOptions::from(&serve)),
         _ => unreachable!("no subcommand was given"),
     }
 }

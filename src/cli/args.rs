@@ -2,13 +2,33 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::builder::PossibleValue;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::connections::ConnectionLimits;
 use crate::model::convert::NormalizationPreset;
 use crate::model::fetch::{DEFAULT_SHA256, DEFAULT_URL};
 use crate::model::weights::DEFAULT_WEIGHTS_PATH;
+use crate::server::ServerConfig;
+use crate::telemetry::TelemetryOptions;
+
+/// The HTTP port `serve` listens on and `healthcheck` asks, unless told otherwise.
+pub const DEFAULT_PORT: u16 = 8080;
+
+/// The gRPC port, unless told otherwise.
+pub const DEFAULT_GRPC_PORT: u16 = 8081;
+
+/// A default duration as the milliseconds its flag takes.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A default count as the `u32` its flag takes.
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
 use crate::model::{DeviceChoice, EngineChoice, LoadOptions, SimdChoice};
 
 /// resnet-serve: classify images with a CIFAR ResNet over HTTP.
@@ -167,7 +187,7 @@ pub struct ServeArgs {
     pub host: IpAddr,
 
     /// Port to listen on.
-    #[arg(long, env = "RESNET_PORT", default_value_t = 8080)]
+    #[arg(long, env = "RESNET_PORT", default_value_t = DEFAULT_PORT)]
     pub port: u16,
 
     /// OpenTelemetry: the OTLP collector's base URL to export traces to (`http://HOST:4318`;
@@ -178,37 +198,67 @@ pub struct ServeArgs {
 
     /// Fraction of new traces sampled when exporting, 0 to 1 (a caller's `traceparent` decides
     /// for its own requests).
-    #[arg(long, env = "RESNET_TRACE_SAMPLE_RATIO", default_value_t = 1.0)]
+    #[arg(
+        long,
+        env = "RESNET_TRACE_SAMPLE_RATIO",
+        default_value_t = TelemetryOptions::default().sample_ratio
+    )]
     pub trace_sample_ratio: f64,
 
     /// Port of the gRPC API (the Open Inference Protocol and grpc.health.v1), on the same
     /// address; 0 turns it off.
-    #[arg(long, env = "RESNET_GRPC_PORT", default_value_t = 8081)]
+    #[arg(long, env = "RESNET_GRPC_PORT", default_value_t = DEFAULT_GRPC_PORT)]
     pub grpc_port: u16,
 
     /// Most images in one forward pass.
-    #[arg(long, env = "RESNET_MAX_BATCH_SIZE", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    #[arg(
+        long,
+        env = "RESNET_MAX_BATCH_SIZE",
+        default_value_t = count(ServerConfig::default().max_batch_size),
+        value_parser = clap::value_parser!(u32).range(1..=4096)
+    )]
     pub max_batch_size: u32,
 
     /// Extra wait to fill a batch, from when its oldest image was queued (as Triton's
     /// max_queue_delay). 0: a batch is whatever is queued when the model is free, no waiting.
-    #[arg(long, env = "RESNET_MAX_BATCH_DELAY_MS", default_value_t = 0)]
+    #[arg(
+        long,
+        env = "RESNET_MAX_BATCH_DELAY_MS",
+        default_value_t = millis(ServerConfig::default().max_batch_delay)
+    )]
     pub max_batch_delay_ms: u64,
 
     /// Images that may wait in the queue; beyond that requests get 429.
-    #[arg(long, env = "RESNET_QUEUE_CAPACITY", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(
+        long,
+        env = "RESNET_QUEUE_CAPACITY",
+        default_value_t = count(ServerConfig::default().queue_capacity),
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
     pub queue_capacity: u32,
 
     /// Deadline for a request from arrival to answer; past it while queued: 504.
-    #[arg(long, env = "RESNET_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(
+        long,
+        env = "RESNET_REQUEST_TIMEOUT_MS",
+        default_value_t = millis(ServerConfig::default().request_timeout)
+    )]
     pub request_timeout_ms: u64,
 
     /// Largest accepted request body.
-    #[arg(long, env = "RESNET_MAX_BODY_BYTES", default_value_t = 20 * 1024 * 1024)]
+    #[arg(
+        long,
+        env = "RESNET_MAX_BODY_BYTES",
+        default_value_t = ServerConfig::default().max_body_bytes
+    )]
     pub max_body_bytes: usize,
 
     /// Largest image (width x height, as its header declares) that is decoded.
-    #[arg(long, env = "RESNET_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
+    #[arg(
+        long,
+        env = "RESNET_MAX_IMAGE_PIXELS",
+        default_value_t = ServerConfig::default().max_image_pixels
+    )]
     pub max_image_pixels: u64,
 
     /// Decode a truncated or damaged JPEG as far as it goes (the rest black) instead of refusing
@@ -218,16 +268,30 @@ pub struct ServeArgs {
     pub load_truncated_images: bool,
 
     /// Open connections served at once; further clients wait in the accept backlog.
-    #[arg(long, env = "RESNET_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(
+        long,
+        env = "RESNET_MAX_CONNECTIONS",
+        default_value_t = count(ConnectionLimits::default().max_connections),
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
     pub max_connections: u32,
 
     /// Deadline for a request's headers, from when the server starts waiting for them (a new
     /// or idle kept-alive connection); past it the connection is closed.
-    #[arg(long, env = "RESNET_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(
+        long,
+        env = "RESNET_HEADER_READ_TIMEOUT_MS",
+        default_value_t = millis(ConnectionLimits::default().header_read_timeout),
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
     pub header_read_timeout_ms: u64,
 
     /// On SIGTERM/SIGINT, how long open connections may take to finish before they are closed.
-    #[arg(long, env = "RESNET_SHUTDOWN_TIMEOUT_MS", default_value_t = 30_000)]
+    #[arg(
+        long,
+        env = "RESNET_SHUTDOWN_TIMEOUT_MS",
+        default_value_t = millis(ConnectionLimits::default().shutdown_timeout)
+    )]
     pub shutdown_timeout_ms: u64,
 
     /// Log format.
@@ -363,7 +427,7 @@ pub struct HealthcheckArgs {
     #[arg(long, default_value = "127.0.0.1")]
     pub host: IpAddr,
     /// Its port (`RESNET_PORT`, so it follows the server's configuration).
-    #[arg(long, env = "RESNET_PORT", default_value_t = 8080)]
+    #[arg(long, env = "RESNET_PORT", default_value_t = DEFAULT_PORT)]
     pub port: u16,
     /// How long to wait for the answer.
     #[arg(long, default_value_t = 2_000)]
@@ -390,7 +454,11 @@ pub struct PreprocessArgs {
     #[arg(long, short)]
     pub output: PathBuf,
     /// As `serve --max-image-pixels`.
-    #[arg(long, env = "RESNET_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
+    #[arg(
+        long,
+        env = "RESNET_MAX_IMAGE_PIXELS",
+        default_value_t = ServerConfig::default().max_image_pixels
+    )]
     pub max_image_pixels: u64,
     /// As `serve --load-truncated-images`.
     #[arg(long, env = "RESNET_LOAD_TRUNCATED_IMAGES", value_parser = clap::builder::BoolishValueParser::new())]
@@ -400,6 +468,7 @@ pub struct PreprocessArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::auth::AccessOptions;
     use crate::model::fetch::FetchOptions;
 
     fn serve_args(argv: &[&str]) -> ServeArgs {
@@ -423,10 +492,38 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    /// Whether a flag's `RESNET_*` variable is set here (then the defaults cannot be checked,
+    /// and the test says so).
+    fn flag_variables_set() -> bool {
+        fn walk(command: &clap::Command, set: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                if let Some(name) = arg.get_env().filter(|n| std::env::var_os(n).is_some()) {
+                    set.push(name.to_string_lossy().into_owned());
+                }
+            }
+            for sub in command.get_subcommands() {
+                walk(sub, set);
+            }
+        }
+        let mut set = Vec::new();
+        walk(&<Cli as clap::CommandFactory>::command(), &mut set);
+        if !set.is_empty() {
+            eprintln!("skipped: flag variables set in this environment: {set:?}");
+        }
+        !set.is_empty()
+    }
+
     #[test]
-    fn model_flags_default_to_the_model_defaults() {
+    fn serve_flags_default_to_the_domain_defaults() {
+        if flag_variables_set() {
+            return;
+        }
         let args = serve_args(&["resnet-serve"]);
         assert_eq!(LoadOptions::from(&args.model), LoadOptions::default());
+        assert_eq!(ServerConfig::from(&args), ServerConfig::default());
+        assert_eq!(ConnectionLimits::from(&args), ConnectionLimits::default());
+        assert_eq!(TelemetryOptions::from(&args), TelemetryOptions::default());
+        assert_eq!(AccessOptions::from(&args), AccessOptions::default());
     }
 
     /// Every variant has a value, and each parses back to itself.
@@ -439,6 +536,9 @@ mod tests {
 
     #[test]
     fn fetch_flags_default_to_the_fetch_defaults() {
+        if flag_variables_set() {
+            return;
+        }
         let cli = Cli::try_parse_from(["resnet-serve", "fetch-weights"]).unwrap();
         let Command::FetchWeights(args) = cli.into_command() else {
             panic!("expected fetch-weights");

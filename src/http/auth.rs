@@ -12,7 +12,6 @@ use sha2::{Digest, Sha256};
 
 use super::cors::CorsOrigins;
 use super::error::ApiError;
-use crate::cli::args::ServeArgs;
 
 /// Paths under these prefixes never need the key: probes carry no credentials.
 const OPEN_PREFIXES: [&str; 2] = ["/health/", "/v2/health/"];
@@ -58,22 +57,47 @@ pub enum AccessError {
     Cors(String),
 }
 
+/// The access settings as given, before they are checked and the key file is read.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct AccessOptions {
+    /// The API key itself; excludes `api_key_file`.
+    pub api_key: Option<String>,
+    /// A file holding the key (a mounted secret; one trailing newline is dropped).
+    pub api_key_file: Option<PathBuf>,
+    /// Whether `/metrics` needs the key too.
+    pub metrics_require_auth: bool,
+    /// Origins answered with CORS headers: comma-separated, or `*`; `None`: no CORS.
+    pub cors_allow_origin: Option<String>,
+}
+
+impl std::fmt::Debug for AccessOptions {
+    /// Everything but the key itself.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessOptions")
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("api_key_file", &self.api_key_file)
+            .field("metrics_require_auth", &self.metrics_require_auth)
+            .field("cors_allow_origin", &self.cors_allow_origin)
+            .finish()
+    }
+}
+
 impl AccessConfig {
-    /// From `serve`'s flags, reading the key file if one is named.
-    pub fn from_args(args: &ServeArgs) -> Result<Self, AccessError> {
-        let api_key = match (&args.api_key, &args.api_key_file) {
+    /// Checks the options, reading the key file if one is named.
+    pub fn from_options(options: &AccessOptions) -> Result<Self, AccessError> {
+        let api_key = match (&options.api_key, &options.api_key_file) {
             (Some(_), Some(_)) => return Err(AccessError::BothKeys),
             (Some(key), None) => Some(ApiKey::new(key, "--api-key (RESNET_API_KEY)")?),
             (None, Some(path)) => Some(ApiKey::from_file(path)?),
             (None, None) => None,
         };
-        let cors = match &args.cors_allow_origin {
+        let cors = match &options.cors_allow_origin {
             Some(list) => CorsOrigins::parse(list).map_err(AccessError::Cors)?,
             None => CorsOrigins::Off,
         };
         Ok(Self {
             api_key,
-            metrics_require_auth: args.metrics_require_auth,
+            metrics_require_auth: options.metrics_require_auth,
             cors,
         })
     }

@@ -7,12 +7,13 @@
 //!   decoding, the batcher, softmax; one error type.
 //! - [`batcher`]: the bounded queue, the batching policy and the model thread.
 //! - [`grpc`]: the Open Inference Protocol over gRPC and `grpc.health.v1`, on their own port.
-//! - [`http`]: the routes, their request and response types, and the one error type.
+//! - [`http`]: the routes, their request and response types, the one error type, and the
+//!   server's configuration ([`http::ServerConfig`], also [`server::ServerConfig`]).
 //! - [`metrics`]: the Prometheus metrics of the contract, one registry per server.
 //! - [`telemetry`]: OpenTelemetry trace export (OTLP) and `traceparent` propagation.
 //! - [`shutdown`]: readiness and the signals that start a graceful shutdown.
 //! - [`connections`]: accepting connections: the connection cap, header timeout, bounded drain.
-//! - [`server`]: server configuration and `run(listener, ..., shutdown)`.
+//! - [`server`]: `run(listener, ..., shutdown)`: the batcher, HTTP and gRPC put together.
 //! - [`cli`]: the command line: every flag and its `RESNET_*` environment variable
 //!   ([`cli::args`]), and every subcommand's handler: `serve`, `convert`, `fetch-weights`,
 //!   `eval`, `bench`, `preprocess`, `healthcheck`.

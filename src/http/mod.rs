@@ -1,7 +1,8 @@
-//! The HTTP API: shared state, the one list of endpoints, and the router built from it with
-//! request ids, tracing, body limits and request metrics.
+//! The HTTP API: shared state (with the server's [`ServerConfig`]), the one list of endpoints,
+//! and the router built from it with request ids, tracing, body limits and request metrics.
 
 pub mod auth;
+mod config;
 pub mod cors;
 pub mod error;
 pub mod limits;
@@ -24,8 +25,8 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 use crate::infer::Inference;
 use crate::metrics::Metrics;
-use crate::server::ServerConfig;
 use crate::telemetry;
+pub use config::ServerConfig;
 
 /// The header that carries each request's id (set when the client sends none, echoed back).
 pub const REQUEST_ID_HEADER: &str = "x-request-id";

@@ -1,4 +1,6 @@
 //! Command-line and environment configuration: every flag, its `RESNET_*` variable and default.
+//! The defaults are read from the domain modules' option types (`LoadOptions`, `ServerConfig`,
+//! `ConnectionLimits`, ...), which own them; the model's choices become clap values here.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -11,6 +13,7 @@ use crate::connections::ConnectionLimits;
 use crate::model::convert::NormalizationPreset;
 use crate::model::fetch::{DEFAULT_SHA256, DEFAULT_URL};
 use crate::model::weights::DEFAULT_WEIGHTS_PATH;
+use crate::model::{DeviceChoice, EngineChoice, LoadOptions, SimdChoice};
 use crate::server::ServerConfig;
 use crate::telemetry::TelemetryOptions;
 
@@ -29,7 +32,6 @@ fn millis(duration: Duration) -> u64 {
 fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
-use crate::model::{DeviceChoice, EngineChoice, LoadOptions, SimdChoice};
 
 /// resnet-serve: classify images with a CIFAR ResNet over HTTP.
 #[derive(Debug, Parser)]

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The cost of OpenTelemetry tracing: requests/s and latency at 64 connections (wrk -t1, the shared
-# cat PNG to /classify) with tracing off, and on at sampling 1.0 exporting every span over
-# OTLP/HTTP to a live receiver (examples/otlp_sink.rs) on loopback. Rounds alternate which goes
-# first; prints every run, the medians and on / off.
+# cat PNG to /classify) with tracing off; on at sampling 1.0 exporting every span over OTLP/HTTP
+# to a live receiver (examples/otlp_sink.rs) on loopback; and on with the collector down (a port
+# nobody listens on). Rounds rotate which goes first; prints every run, the medians, and each
+# mode's median over tracing off.
 #
 #   scripts/bench-tracing.sh                     # 3 rounds of 10 s each
 #   ROUNDS=1 SECONDS_PER_RUN=3 scripts/bench-tracing.sh
@@ -18,6 +19,7 @@ weights=$shared/models/resnet56-seed-random.safetensors
 image=$shared/data/images/0000-cat.png
 port=${PORT:-18280}
 sink_port=$((port + 2))
+dead_port=$((port + 3))
 rounds=${ROUNDS:-3}
 seconds=${SECONDS_PER_RUN:-10}
 connections=${CONNECTIONS:-64}
@@ -42,6 +44,7 @@ pids+=("$sink")
 run() {
     local mode=$1 otlp=()
     [[ $mode == on ]] && otlp=(--otlp-endpoint "http://127.0.0.1:$sink_port" --trace-sample-ratio 1)
+    [[ $mode == dead ]] && otlp=(--otlp-endpoint "http://127.0.0.1:$dead_port" --trace-sample-ratio 1)
     "$bin" serve --weights "$weights" --host 127.0.0.1 --port "$port" --grpc-port 0 "${otlp[@]}" \
         >"$work/server-$mode.log" 2>&1 &
     local server=$!
@@ -69,8 +72,9 @@ run() {
 idle_gate
 log "$(nproc) CPUs; $("$bin" --version); $connections connections, $rounds rounds of ${seconds} s"
 echo "mode req/s p50_ms p99_ms non_2xx"
+modes=(off on dead)
 for round in $(seq "$rounds"); do
-    if ((round % 2)); then run off; run on; else run on; run off; fi
+    for i in 0 1 2; do run "${modes[$(((round + i) % 3))]}"; done
 done
 kill -TERM "$sink"
 wait "$sink" || true
@@ -84,8 +88,9 @@ awk '
             # median of n values
             for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
             med[m] = v[int((n + 1) / 2)]
-            printf "median req/s, tracing %s: %s\n", m, med[m]
+            printf "median req/s, %s: %s\n", m, med[m]
         }
         printf "tracing on / off: %.3f\n", med["on"] / med["off"]
+        printf "collector down / off: %.3f\n", med["dead"] / med["off"]
     }' "$work/runs"
 log "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"

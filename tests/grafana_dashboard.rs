@@ -5,9 +5,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -358,75 +356,22 @@ fn coverage_problems(
 }
 
 /// `serve` with the given weights on an ephemeral port, killed when dropped.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start(weights: &Path) -> Self {
-        let mut child = common::command_without_resnet_env(&common::binary())
-            .args([
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--log-format",
-                "json",
-                "--weights",
-            ])
-            .arg(weights)
-            .env("RUST_LOG", "warn,resnet_serve=info")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (address_tx, address_rx) = std::sync::mpsc::channel::<String>();
-        // Keeps draining the log after the address so the server never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let Ok(entry) = serde_json::from_str::<Value>(&line) else {
-                    continue;
-                };
-                if entry["fields"]["message"] == "listening" {
-                    if let Some(address) = entry["fields"]["address"].as_str() {
-                        let _ = address_tx.send(address.to_owned());
-                    }
-                }
-            }
-        });
-        let address = address_rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the server logs its address");
-        let server = Self {
-            child,
-            base: format!("http://{address}"),
-        };
-        let http = client();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while http
-            .get(server.url("/health/ready"))
-            .send()
-            .map_or(true, |r| r.status() != 200)
-        {
-            assert!(Instant::now() < deadline, "never ready");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn start_server(weights: &Path) -> common::JsonLogServer {
+    let mut command = common::command_without_resnet_env(&common::binary());
+    command
+        .args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--log-format",
+            "json",
+            "--weights",
+        ])
+        .arg(weights)
+        .env("RUST_LOG", "warn,resnet_serve=info");
+    common::JsonLogServer::spawn(command)
 }
 
 fn client() -> reqwest::blocking::Client {
@@ -468,7 +413,7 @@ fn the_dashboard_queries_exactly_the_metrics_the_server_exports() {
     };
     let dashboard = dashboard();
     let queried = queried_metrics(&dashboard);
-    let server = Server::start(&weights);
+    let server = start_server(&weights);
     let http = client();
     // Histograms and labelled counters appear in /metrics only once they have a sample.
     for (content_type, body) in [

@@ -8,7 +8,6 @@ mod http_util;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http_util::{client, solid_png};
@@ -233,14 +232,9 @@ fn an_explicit_missing_weights_file_is_an_error_not_a_download() {
     }
 }
 
-/// A running `serve` with JSON logs on an ephemeral port: the child and its base URL.
+/// A running `serve` with JSON logs on an ephemeral port.
 #[cfg(unix)]
-struct RunningServer {
-    child: std::process::Child,
-    base: String,
-    /// Every JSON log line so far.
-    logs: Arc<Mutex<Vec<Value>>>,
-}
+type RunningServer = common::JsonLogServer;
 
 #[cfg(unix)]
 impl RunningServer {
@@ -266,54 +260,10 @@ impl RunningServer {
         if let Some(weights) = weights {
             command.arg("--weights").arg(weights);
         }
-        let mut child = command
+        command
             .args(extra)
-            .env("RUST_LOG", "warn,resnet_serve=info")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (address_tx, address_rx) = std::sync::mpsc::channel::<String>();
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let log_sink = logs.clone();
-        // Keeps draining the log so the server never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(entry) = serde_json::from_str::<Value>(&line) {
-                    if entry["fields"]["message"] == "listening" {
-                        if let Some(address) = entry["fields"]["address"].as_str() {
-                            let _ = address_tx.send(address.to_owned());
-                        }
-                    }
-                    log_sink.lock().unwrap().push(entry);
-                }
-            }
-        });
-        let address = address_rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the server logs its address");
-        let server = Self {
-            child,
-            base: format!("http://{address}"),
-            logs,
-        };
-        let http = client();
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while http
-            .get(format!("{}/health/ready", server.base))
-            .send()
-            .map_or(true, |r| r.status() != 200)
-        {
-            assert!(std::time::Instant::now() < deadline, "never ready");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(server)
-    }
-
-    /// The JSON log lines written so far.
-    fn log_lines(&self) -> Vec<Value> {
-        self.logs.lock().unwrap().clone()
+            .env("RUST_LOG", "warn,resnet_serve=info");
+        Some(Self::spawn(command))
     }
 
     fn address(&self) -> &str {
@@ -336,14 +286,6 @@ impl RunningServer {
             .status()
             .unwrap();
         assert!(killed.success());
-    }
-}
-
-#[cfg(unix)]
-impl Drop for RunningServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

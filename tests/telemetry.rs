@@ -6,9 +6,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener as StdListener;
-use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,7 +15,6 @@ use axum::routing::post;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
-use serde_json::Value;
 
 /// The caller's trace context on the REST request, and on the gRPC call.
 const REST_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
@@ -80,19 +77,18 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A `serve` with JSON logs, exporting to `endpoint`; ready when returned.
+/// A `serve` with JSON logs, exporting to `endpoint`, and its gRPC port; ready when returned.
 struct Server {
-    child: Child,
-    base: String,
+    server: common::JsonLogServer,
     grpc: u16,
-    logs: Arc<Mutex<Vec<Value>>>,
 }
 
 impl Server {
     fn start(endpoint: &str) -> Option<Self> {
         let weights = common::shared_file("models/resnet56-seed-random.safetensors")?;
         let grpc = free_port();
-        let mut child = common::command_without_resnet_env(&common::binary())
+        let mut command = common::command_without_resnet_env(&common::binary());
+        command
             .args([
                 "serve",
                 "--host",
@@ -112,52 +108,17 @@ impl Server {
             .arg(weights)
             // Export every 100 ms rather than every 5 s.
             .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let sink = logs.clone();
-        let (address_tx, address_rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(entry) = serde_json::from_str::<Value>(&line) {
-                    if entry["fields"]["message"] == "listening" {
-                        if let Some(address) = entry["fields"]["address"].as_str() {
-                            let _ = address_tx.send(address.to_owned());
-                        }
-                    }
-                    sink.lock().unwrap().push(entry);
-                }
-            }
-        });
-        let address = address_rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the server logs its address");
-        let server = Self {
-            child,
-            base: format!("http://{address}"),
+            .env("RUST_LOG", "info");
+        Some(Self {
+            server: common::JsonLogServer::spawn(command),
             grpc,
-            logs,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while client()
-            .get(format!("{}/health/ready", server.base))
-            .send()
-            .map_or(true, |r| r.status() != 200)
-        {
-            assert!(Instant::now() < deadline, "never ready");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(server)
+        })
     }
 
     fn classify(&self, traceparent: Option<&str>) -> (u16, Duration) {
         let png = std::fs::read(common::shared_file("data/images/0000-cat.png").unwrap()).unwrap();
         let mut request = client()
-            .post(format!("{}/classify", self.base))
+            .post(self.server.url("/classify"))
             .header("content-type", "image/png")
             .body(png);
         if let Some(traceparent) = traceparent {
@@ -166,13 +127,6 @@ impl Server {
         let started = Instant::now();
         let status = request.send().unwrap().status().as_u16();
         (status, started.elapsed())
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -261,7 +215,7 @@ fn requests_join_the_callers_trace_and_forward_passes_link_to_them() {
         "/v2/health/ready",
     ] {
         let r = client()
-            .get(format!("{}{path}", server.base))
+            .get(server.server.url(path))
             .header(
                 "traceparent",
                 traceparent("11111111111111111111111111111111"),
@@ -327,7 +281,7 @@ fn requests_join_the_callers_trace_and_forward_passes_link_to_them() {
         names(&spans)
     );
     // The JSON log line of the traced request carries its trace id.
-    let logs = server.logs.lock().unwrap().clone();
+    let logs = server.server.log_lines();
     assert!(
         logs.iter()
             .any(|l| l["span"]["trace_id"] == REST_TRACE && l["span"]["path"] == "/classify"),

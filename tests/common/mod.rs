@@ -166,3 +166,82 @@ pub fn assert_pretrained_parity(report: &serde_json::Value) {
         "{report}"
     );
 }
+
+/// A `serve` a test started with JSON logs on an ephemeral port: the child, its base URL and
+/// every JSON log line so far. Killed when dropped.
+pub struct JsonLogServer {
+    pub child: std::process::Child,
+    pub base: String,
+    pub logs: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl JsonLogServer {
+    /// Spawns `command` (a `serve` with `--port 0 --log-format json`), keeps draining its stderr
+    /// (so the server never blocks on a full pipe) and collecting the JSON lines, then waits for
+    /// the address it logs as `listening` and for `/health/ready` to answer 200, 60 s each.
+    pub fn spawn(mut command: std::process::Command) -> Self {
+        use std::io::{BufRead, BufReader};
+        use std::time::{Duration, Instant};
+
+        let mut child = command
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (address_tx, address_rx) = std::sync::mpsc::channel::<String>();
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                if entry["fields"]["message"] == "listening" {
+                    if let Some(address) = entry["fields"]["address"].as_str() {
+                        let _ = address_tx.send(address.to_owned());
+                    }
+                }
+                sink.lock().unwrap().push(entry);
+            }
+        });
+        let address = address_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the server logs its address");
+        let server = Self {
+            child,
+            base: format!("http://{address}"),
+            logs,
+        };
+        let http = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while http
+            .get(server.url("/health/ready"))
+            .send()
+            .map_or(true, |r| r.status() != 200)
+        {
+            assert!(Instant::now() < deadline, "never ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// The JSON log lines written so far.
+    pub fn log_lines(&self) -> Vec<serde_json::Value> {
+        self.logs.lock().unwrap().clone()
+    }
+}
+
+impl Drop for JsonLogServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

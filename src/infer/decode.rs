@@ -19,10 +19,24 @@ pub fn decode_slots() -> u32 {
 /// least one and at most all of [`decode_slots`]. Images over `max_pixels`, or whose header
 /// cannot be read, count for nothing: they are refused before any pixel is decoded.
 pub fn decode_permits(images: &[Bytes], max_pixels: u64) -> u32 {
-    let pixels: u64 = images
-        .iter()
-        .filter_map(|bytes| crate::preprocess::declared_dimensions(bytes).ok())
+    permits_for(
+        images.iter().map(|bytes| declared_pixels(bytes)),
+        max_pixels,
+    )
+}
+
+/// The pixels an image's header declares, if it can be read.
+pub fn declared_pixels(bytes: &[u8]) -> Option<u64> {
+    crate::preprocess::declared_dimensions(bytes)
+        .ok()
         .map(|(w, h)| u64::from(w) * u64::from(h))
+}
+
+/// [`decode_permits`] from each image's [`declared_pixels`], for callers that have read them.
+pub fn permits_for(declared: impl IntoIterator<Item = Option<u64>>, max_pixels: u64) -> u32 {
+    let pixels: u64 = declared
+        .into_iter()
+        .flatten()
         .filter(|&pixels| pixels <= max_pixels)
         .fold(0, u64::saturating_add);
     let permits = pixels.div_ceil(PIXELS_PER_SLOT).max(1);
@@ -30,6 +44,7 @@ pub fn decode_permits(images: &[Bytes], max_pixels: u64) -> u32 {
         .unwrap_or(u32::MAX)
         .min(decode_slots())
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,9 +20,9 @@ use tokio::time::Instant;
 use crate::batcher::{saturating_add, Batcher};
 use crate::metrics::PredictionMetrics;
 use crate::model::IMAGE_FLOATS;
-use crate::preprocess::{declared_dimensions, format_name, preprocess_with, DecodeOptions};
+use crate::preprocess::{format_name, preprocess_with, DecodeOptions};
 use crate::shutdown::{Phase, Readiness};
-pub use decode::{decode_permits, decode_slots};
+pub use decode::{declared_pixels, decode_permits, decode_slots, permits_for};
 pub use error::InferError;
 pub use info::ModelInfo;
 
@@ -268,13 +268,12 @@ impl Inference {
     /// their declared pixels.
     async fn decode(&self, images: Vec<Bytes>) -> Result<Vec<f32>, InferError> {
         let n = images.len();
-        for bytes in &images {
-            let pixels = declared_dimensions(bytes)
-                .ok()
-                .map(|(w, h)| u64::from(w) * u64::from(h));
+        // Each header is read once: for the input metrics and for the decode slots.
+        let declared: Vec<Option<u64>> = images.iter().map(|b| declared_pixels(b)).collect();
+        for (bytes, &pixels) in images.iter().zip(&declared) {
             self.predictions.record_input(format_name(bytes), pixels);
         }
-        let permits = decode_permits(&images, self.limits.max_image_pixels);
+        let permits = permits_for(declared, self.limits.max_image_pixels);
         let slot = self
             .decode_slots
             .clone()

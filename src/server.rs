@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::batcher::{BatchPolicy, Batcher, BatcherConfig, Classifier};
+use crate::batcher::{BatchPolicy, Batcher, BatcherConfig};
 use crate::connections::{self, ConnectionLimits};
 use crate::grpc::{self, GrpcOptions};
 pub use crate::http::ServerConfig;
 use crate::http::{router, AppState};
 use crate::infer::{Inference, ModelInfo};
 use crate::metrics::Metrics;
+use crate::model::engine::Engine;
 use crate::shutdown::Readiness;
 
 /// Why the server could not start or stopped abnormally.
@@ -36,7 +37,7 @@ pub enum ServerError {
 ///
 /// The model thread first runs a warm-up forward pass; `/health/ready` answers 200 after it.
 /// A failing warm-up shuts the server down and is returned as [`ServerError::WarmUp`].
-pub async fn run<M: Classifier>(
+pub async fn run<M: Engine>(
     listener: TcpListener,
     model: M,
     info: ModelInfo,
@@ -67,7 +68,7 @@ pub struct Listeners {
 
 /// [`run`] on HTTP and optionally gRPC, with the given connection cap, header timeout and drain
 /// bound.
-pub async fn run_with_limits<M: Classifier>(
+pub async fn run_with_limits<M: Engine>(
     listeners: Listeners,
     model: M,
     info: ModelInfo,

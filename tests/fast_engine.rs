@@ -11,8 +11,8 @@ use candle_core::{Device, Tensor};
 use resnet_serve::cli::eval::{evaluate, load_reference, LabelledImages};
 use resnet_serve::model::fast::{FastOptions, FastResNet, SimdLevel, Threading};
 use resnet_serve::model::{
-    Checkpoint, DeviceChoice, EngineChoice, LoadOptions, Model, ModelError, Shortcut, SimdChoice,
-    IMAGE_FLOATS,
+    Checkpoint, DeviceChoice, Engine, EngineChoice, EngineError, LoadOptions, Model, ModelError,
+    Shortcut, SimdChoice, IMAGE_FLOATS,
 };
 use resnet_serve::preprocess::normalize_chw;
 use safetensors::tensor::TensorView;
@@ -31,12 +31,12 @@ fn options(weights: &Path, engine: EngineChoice, simd: SimdChoice, threads: usiz
     }
 }
 
-fn choice(level: SimdLevel) -> SimdChoice {
-    match level {
-        SimdLevel::Avx512 => SimdChoice::Avx512,
-        SimdLevel::Avx2 => SimdChoice::Avx2,
-        SimdLevel::Scalar => SimdChoice::Scalar,
-    }
+/// Every level `--simd` can force.
+const LEVELS: [SimdChoice; 3] = [SimdChoice::Avx512, SimdChoice::Avx2, SimdChoice::Scalar];
+
+/// Whether this CPU has `level`.
+fn supported(level: SimdChoice) -> bool {
+    SimdLevel::resolve(level).is_ok()
 }
 
 /// The first `n` images of the labelled set and their reference logits.
@@ -61,21 +61,17 @@ fn every_simd_level_matches_the_pytorch_reference_on_odd_batches() {
     let Some((weights, data, reference)) = first_images(70) else {
         return;
     };
-    for level in [SimdLevel::Avx512, SimdLevel::Avx2, SimdLevel::Scalar] {
-        if !common::simd_testable(&level.to_string(), level.is_supported()) {
+    for choice in LEVELS {
+        let level = choice.as_str();
+        if !common::simd_testable(level, supported(choice)) {
             continue;
         }
         for threads in [1, 2] {
-            let model = Model::load(&options(
-                &weights,
-                EngineChoice::Fast,
-                choice(level),
-                threads,
-            ))
-            .unwrap();
+            let mut model =
+                Model::load(&options(&weights, EngineChoice::Fast, choice, threads)).unwrap();
             assert_eq!(model.engine_name(), format!("fast-{level}"));
             for batch in [1, 3, 17, 64] {
-                let report = evaluate(&model, &data, Some(&reference), batch).unwrap();
+                let report = evaluate(&mut model, &data, Some(&reference), batch).unwrap();
                 let (agree, diff) = (
                     report.top1_agreement.unwrap(),
                     report.max_abs_logit_diff.unwrap(),
@@ -97,21 +93,22 @@ fn auto_engine_matches_the_reference_on_the_whole_test_set() {
     let Some((weights, data, reference)) = first_images(usize::MAX) else {
         return;
     };
-    let model = Model::load(&options(&weights, EngineChoice::Auto, SimdChoice::Auto, 0)).unwrap();
+    let mut model =
+        Model::load(&options(&weights, EngineChoice::Auto, SimdChoice::Auto, 0)).unwrap();
     assert_eq!(model.engine_name(), format!("fast-{}", SimdLevel::detect()));
-    let report = evaluate(&model, &data, Some(&reference), 64).unwrap();
+    let report = evaluate(&mut model, &data, Some(&reference), 64).unwrap();
     assert_eq!(report.images, 846);
     assert_eq!(report.top1_agreement, Some(1.0));
     assert!(report.max_abs_logit_diff.unwrap() <= 1e-3, "{report:?}");
 }
 
-/// Normalised images `[n, 3, 32, 32]` from the test set.
-fn normalised_batch(data: &LabelledImages, n: usize, mean: &[f32; 3], std: &[f32; 3]) -> Tensor {
+/// `n` normalised images (`n * [3, 32, 32]`) from the test set.
+fn normalised_batch(data: &LabelledImages, n: usize, mean: &[f32; 3], std: &[f32; 3]) -> Vec<f32> {
     let mut input = Vec::with_capacity(n * IMAGE_FLOATS);
     for image in data.pixels.chunks_exact(IMAGE_FLOATS).take(n) {
         normalize_chw(image, mean, std, &mut input);
     }
-    Tensor::from_vec(input, (n, 3, 32, 32), &Device::Cpu).unwrap()
+    input
 }
 
 /// Threading changes who computes what, never the arithmetic: every strategy and thread count
@@ -125,9 +122,7 @@ fn threading_strategies_give_identical_logits() {
     let x = normalised_batch(&data, 7, &ckpt.metadata.mean, &ckpt.metadata.std);
     let baseline = FastResNet::new(&ckpt.spec, &ckpt.tensors, SimdChoice::Auto, 1)
         .unwrap()
-        .forward(&x)
-        .unwrap()
-        .to_vec2::<f32>()
+        .logits(&x, 7)
         .unwrap();
     for threads in [2, 3] {
         for threading in [Threading::Auto, Threading::Images, Threading::Layers] {
@@ -136,12 +131,12 @@ fn threading_strategies_give_identical_logits() {
                 threading,
                 ..FastOptions::default()
             };
-            let net = FastResNet::with_options(&ckpt.spec, &ckpt.tensors, &options).unwrap();
+            let mut net = FastResNet::with_options(&ckpt.spec, &ckpt.tensors, &options).unwrap();
             for n in [1, 2, 7] {
-                let got = net.forward(&x.narrow(0, 0, n).unwrap()).unwrap();
+                let got = net.logits(&x[..n * IMAGE_FLOATS], n).unwrap();
                 assert_eq!(
-                    got.to_vec2::<f32>().unwrap(),
-                    baseline[..n],
+                    got,
+                    baseline[..n * 10],
                     "{threads} threads, {threading:?}, batch {n}"
                 );
             }
@@ -189,22 +184,15 @@ fn zero_pad_network_without_bias_matches_the_candle_engine() {
     let ckpt = zero_pad_no_bias_checkpoint(&weights);
     let x = normalised_batch(&data, 19, &ckpt.metadata.mean, &ckpt.metadata.std);
     let want = build(&ckpt, EngineChoice::Candle, SimdChoice::Auto, 0)
-        .forward(&x)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
+        .logits(&x, 19)
         .unwrap();
     let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     assert!(scale > 0.0);
-    for level in SimdLevel::supported() {
+    for choice in LEVELS.into_iter().filter(|&c| supported(c)) {
+        let level = choice.as_str();
         for threads in [1, 2] {
-            let got = build(&ckpt, EngineChoice::Fast, choice(level), threads)
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
+            let got = build(&ckpt, EngineChoice::Fast, choice, threads)
+                .logits(&x, 19)
                 .unwrap();
             let diff = got
                 .iter()
@@ -230,12 +218,13 @@ fn engine_choice_on_the_cpu() {
     .unwrap();
     assert_eq!(candle.engine_name(), "candle");
     // The model worker owns the model on its own thread: the fast engine must allow that.
-    fn shareable<T: Send + Sync>(_: &T) {}
-    for level in [SimdLevel::Avx512, SimdLevel::Avx2, SimdLevel::Scalar] {
-        let result = Model::load(&options(&weights, EngineChoice::Fast, choice(level), 1));
-        if level.is_supported() {
+    fn sendable<T: Send>(_: &T) {}
+    for choice in LEVELS {
+        let level = choice.as_str();
+        let result = Model::load(&options(&weights, EngineChoice::Fast, choice, 1));
+        if supported(choice) {
             let model = result.unwrap();
-            shareable(&model);
+            sendable(&model);
             assert_eq!(model.engine_name(), format!("fast-{level}"));
         } else {
             let err = result.unwrap_err();
@@ -252,13 +241,21 @@ fn wrong_input_shapes_are_errors() {
         return;
     };
     let ckpt = Checkpoint::load(&weights).unwrap();
-    let net = FastResNet::new(&ckpt.spec, &ckpt.tensors, SimdChoice::Auto, 2).unwrap();
-    for shape in [&[2, 3, 16, 16][..], &[2, 1, 32, 32], &[3, 32, 32]] {
-        let x = Tensor::zeros(shape, candle_core::DType::F32, &Device::Cpu).unwrap();
-        assert!(net.forward(&x).is_err(), "{shape:?}");
+    let mut net = FastResNet::new(&ckpt.spec, &ckpt.tensors, SimdChoice::Auto, 2).unwrap();
+    // Two 16x16 images, two one-channel images, one image for two, one float too many.
+    for (floats, n) in [
+        (2 * 3 * 16 * 16, 2),
+        (2 * 32 * 32, 2),
+        (IMAGE_FLOATS, 2),
+        (IMAGE_FLOATS + 1, 1),
+    ] {
+        let err = net.logits(&vec![0.0; floats], n).unwrap_err();
+        assert!(
+            matches!(err, EngineError::InputLength { .. }),
+            "{floats} floats for {n}: {err}"
+        );
     }
-    let empty = Tensor::zeros((0, 3, 32, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
-    assert_eq!(net.forward(&empty).unwrap().dims(), &[0, 10]);
+    assert_eq!(net.logits(&[], 0).unwrap(), Vec::<f32>::new());
 }
 
 #[test]
@@ -334,7 +331,7 @@ fn strategies_benchmark() {
         ("2 threads, auto, direct only", 2, Threading::Auto, false),
         ("1 thread, direct only", 1, Threading::Auto, false),
     ];
-    let nets: Vec<_> = configs
+    let mut nets: Vec<_> = configs
         .iter()
         .map(|&(_, threads, threading, winograd)| {
             let options = FastOptions {
@@ -347,23 +344,14 @@ fn strategies_benchmark() {
         })
         .collect();
     for batch in [1usize, 64] {
-        let x = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), &Device::Cpu).unwrap();
-        // Whatever is timed must compute the same thing.
-        let first = nets[0]
-            .forward(&x)
-            .unwrap()
-            .flatten_all()
+        let x = Tensor::randn(0f32, 1.0, batch * IMAGE_FLOATS, &Device::Cpu)
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        for net in &nets[1..] {
-            let other = net
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+        // Whatever is timed must compute the same thing.
+        let first = nets[0].logits(&x, batch).unwrap();
+        for net in &mut nets[1..] {
+            let other = net.logits(&x, batch).unwrap();
             let diff = first
                 .iter()
                 .zip(&other)
@@ -372,12 +360,12 @@ fn strategies_benchmark() {
         }
         let mut results = vec![Vec::new(); configs.len()];
         for _ in 0..rounds {
-            for (k, net) in nets.iter().enumerate() {
-                net.forward(&x).unwrap();
+            for (k, net) in nets.iter_mut().enumerate() {
+                net.logits(&x, batch).unwrap();
                 let (wall, cpu) = (std::time::Instant::now(), process_cpu_seconds());
                 let mut passes = 0;
                 while passes == 0 || wall.elapsed().as_secs_f64() < seconds {
-                    std::hint::black_box(net.forward(&x).unwrap());
+                    std::hint::black_box(net.logits(&x, batch).unwrap());
                     passes += 1;
                 }
                 let images = (passes * batch) as f64;

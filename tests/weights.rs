@@ -231,7 +231,9 @@ fn cli_reports_broken_weights_with_nonzero_exit() {
 
 #[test]
 fn other_depths_and_class_counts_load_and_run() {
-    use resnet_serve::model::{DeviceChoice, EngineChoice, LoadOptions, Model, SimdChoice};
+    use resnet_serve::model::{
+        DeviceChoice, Engine, EngineChoice, LoadOptions, Model, SimdChoice, IMAGE_FLOATS,
+    };
     let Some(path) = common::shared_file("models/resnet56-seed-random.safetensors") else {
         return;
     };
@@ -255,8 +257,8 @@ fn other_depths_and_class_counts_load_and_run() {
         simd: SimdChoice::Auto,
         threads: 1,
     };
-    let model = Model::from_checkpoint(ckpt, &options).unwrap();
-    let logits = model.logits(&vec![0.1; 2 * 3 * 32 * 32], 2).unwrap();
+    let mut model = Model::from_checkpoint(ckpt, &options).unwrap();
+    let logits = model.logits(&vec![0.1; 2 * IMAGE_FLOATS], 2).unwrap();
     assert_eq!(logits.len(), 200);
     assert!(logits.iter().all(|v| v.is_finite()));
     // Deleting a block from one stage only is a depth mismatch, named as such.

@@ -12,26 +12,12 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::metrics::BatchMetrics;
+use crate::model::engine::Engine;
 use crate::shutdown::Readiness;
 pub use policy::{saturating_add, BatchPolicy, Collector, Queued};
 
 /// Resolves with the warm-up forward pass's outcome.
 pub type WarmUp = oneshot::Receiver<Result<(), String>>;
-
-/// Why a forward pass failed.
-pub type ForwardError = Box<dyn std::error::Error + Send + Sync>;
-
-/// What the model thread runs: logits for a batch of normalised images.
-pub trait Classifier: Send + 'static {
-    /// `n` images laid out as `n * [3, 32, 32]` floats to `n * classes` logits.
-    fn classify(&mut self, images: &[f32], n: usize) -> Result<Vec<f32>, ForwardError>;
-}
-
-impl Classifier for crate::model::Model {
-    fn classify(&mut self, images: &[f32], n: usize) -> Result<Vec<f32>, ForwardError> {
-        Ok(self.logits(images, n)?)
-    }
-}
 
 /// Why a queued request got no logits.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -136,7 +122,7 @@ impl Batcher {
     /// Starts the collector task (on the current tokio runtime) and the model thread, which
     /// first runs a warm-up forward pass, marks `readiness` ready and reports through the
     /// returned receiver.
-    pub fn start<M: Classifier>(
+    pub fn start<M: Engine>(
         model: M,
         config: BatcherConfig,
         metrics: BatchMetrics,

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use super::{BatchError, Classifier, Collector, Entry, Queued};
+use super::{BatchError, Collector, Entry, Queued};
 use crate::metrics::BatchMetrics;
+use crate::model::engine::{check_output, Engine};
 use crate::model::IMAGE_FLOATS;
 use crate::shutdown::Readiness;
 
@@ -43,7 +44,7 @@ pub(super) async fn collect(mut collector: Collector<Entry>, jobs: Sender<Job>) 
 }
 
 /// The model thread's body: owns the model until the job channel closes.
-pub(super) fn run<M: Classifier>(
+pub(super) fn run<M: Engine>(
     mut model: M,
     jobs: Receiver<Job>,
     classes: usize,
@@ -73,7 +74,7 @@ pub(super) fn run<M: Classifier>(
     tracing::debug!("queue closed; model thread exits");
 }
 
-fn run_batch<M: Classifier>(model: &mut M, job: Job, classes: usize, metrics: &BatchMetrics) {
+fn run_batch<M: Engine>(model: &mut M, job: Job, classes: usize, metrics: &BatchMetrics) {
     let now = Instant::now();
     let mut entries = Vec::with_capacity(job.entries.len());
     let mut pixels = Vec::new();
@@ -134,19 +135,21 @@ fn run_batch<M: Classifier>(model: &mut M, job: Job, classes: usize, metrics: &B
 }
 
 /// One forward pass, with panics and malformed outputs turned into errors so that a failure
-/// costs only its own batch.
-fn forward<M: Classifier>(
+/// costs only its own batch. This is the one place where a panicking forward pass is caught: the
+/// engines let panics (bugs) unwind to here.
+fn forward<M: Engine>(
     model: &mut M,
     pixels: &[f32],
     n: usize,
     classes: usize,
 ) -> Result<Vec<f32>, String> {
-    match std::panic::catch_unwind(AssertUnwindSafe(|| model.classify(pixels, n))) {
-        Ok(Ok(logits)) if logits.len() == n * classes => Ok(logits),
-        Ok(Ok(logits)) => Err(format!(
-            "the model returned {} logits for {n} images of {classes} classes",
-            logits.len()
-        )),
+    // AssertUnwindSafe: an engine keeps no state across passes that a pass cut short could
+    // leave half-written (its buffers are overwritten by every pass before they are read).
+    match std::panic::catch_unwind(AssertUnwindSafe(|| model.logits(pixels, n))) {
+        Ok(Ok(logits)) => match check_output(&logits, n, classes) {
+            Ok(()) => Ok(logits),
+            Err(e) => Err(e.to_string()),
+        },
         Ok(Err(e)) => Err(e.to_string()),
         Err(panic) => Err(format!(
             "the forward pass panicked: {}",

@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 
 use crate::cli::args::BenchArgs;
-use crate::model::{LoadOptions, Model, IMAGE_FLOATS};
+use crate::model::{Engine, LoadOptions, Model, IMAGE_FLOATS};
 
 /// One line of `bench` output.
 #[derive(Debug, Serialize)]
@@ -37,7 +37,7 @@ fn random_input(len: usize) -> Vec<f32> {
 }
 
 /// Times the forward pass at `batch_size` for about `seconds` after three warm-up passes.
-pub fn measure(model: &Model, batch_size: usize, seconds: f64) -> Result<BenchLine> {
+pub fn measure(model: &mut Model, batch_size: usize, seconds: f64) -> Result<BenchLine> {
     if batch_size == 0 {
         bail!("batch sizes must be >= 1");
     }
@@ -57,7 +57,7 @@ pub fn measure(model: &Model, batch_size: usize, seconds: f64) -> Result<BenchLi
     let elapsed = started.elapsed().as_secs_f64();
     std::hint::black_box(checksum);
     Ok(BenchLine {
-        engine: model.engine_name(),
+        engine: model.engine_name().to_string(),
         device: crate::model::device_name(model.device()),
         batch_size,
         images_per_second: (batches * batch_size) as f64 / elapsed,
@@ -68,9 +68,9 @@ pub fn measure(model: &Model, batch_size: usize, seconds: f64) -> Result<BenchLi
 
 /// The `bench` subcommand: one JSON line per batch size.
 pub fn run(args: &BenchArgs) -> Result<()> {
-    let model = Model::load(&LoadOptions::from(&args.model))?;
+    let mut model = Model::load(&LoadOptions::from(&args.model))?;
     for &batch_size in &args.batch_sizes {
-        let line = measure(&model, batch_size, args.seconds)?;
+        let line = measure(&mut model, batch_size, args.seconds)?;
         println!("{}", serde_json::to_string(&line)?);
     }
     Ok(())

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use crate::cli::args::EvalArgs;
-use crate::model::{LoadOptions, Model, IMAGE_FLOATS, INPUT_CHANNELS, INPUT_SIZE};
+use crate::model::{Engine, LoadOptions, Model, IMAGE_FLOATS, INPUT_CHANNELS, INPUT_SIZE};
 use crate::preprocess::normalize_chw;
 
 /// What `eval --json` prints.
@@ -86,7 +86,7 @@ fn argmax(row: &[f32]) -> usize {
 
 /// Runs the model over the data set and compares with the reference, if any.
 pub fn evaluate(
-    model: &Model,
+    model: &mut Model,
     data: &LabelledImages,
     reference: Option<&[f32]>,
     batch_size: usize,
@@ -101,11 +101,11 @@ pub fn evaluate(
     let started = std::time::Instant::now();
     let mut logits = Vec::with_capacity(n * classes);
     let mut input = Vec::with_capacity(batch_size.max(1) * IMAGE_FLOATS);
-    let (mean, std) = (&model.metadata.mean, &model.metadata.std);
+    let (mean, std) = (model.metadata.mean, model.metadata.std);
     for chunk in data.pixels.chunks(batch_size.max(1) * IMAGE_FLOATS) {
         input.clear();
         for image in chunk.chunks_exact(IMAGE_FLOATS) {
-            normalize_chw(image, mean, std, &mut input);
+            normalize_chw(image, &mean, &std, &mut input);
         }
         logits.extend(model.logits(&input, chunk.len() / IMAGE_FLOATS)?);
     }
@@ -132,7 +132,7 @@ pub fn evaluate(
     }
     Ok(EvalReport {
         model: model.metadata.name.clone(),
-        engine: model.engine_name(),
+        engine: model.engine_name().to_string(),
         device: crate::model::device_name(model.device()),
         images: n,
         accuracy: correct as f64 / n.max(1) as f64,
@@ -156,14 +156,14 @@ pub fn load_reference(path: &Path, key: &str) -> Result<Vec<f32>> {
 
 /// The `eval` subcommand.
 pub fn run(args: &EvalArgs) -> Result<()> {
-    let model = Model::load(&LoadOptions::from(&args.model))?;
+    let mut model = Model::load(&LoadOptions::from(&args.model))?;
     let data = LabelledImages::load(&args.data)?;
     let reference = args
         .reference
         .as_deref()
         .map(|p| load_reference(p, &args.reference_key))
         .transpose()?;
-    let report = evaluate(&model, &data, reference.as_deref(), args.batch_size)?;
+    let report = evaluate(&mut model, &data, reference.as_deref(), args.batch_size)?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

@@ -238,14 +238,15 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
-    use crate::batcher::{BatchPolicy, Batcher, BatcherConfig, Classifier, ForwardError};
+    use crate::batcher::{BatchPolicy, Batcher, BatcherConfig};
     use crate::infer::ModelInfo;
+    use crate::model::engine::{Engine, EngineError};
     use crate::shutdown::Readiness;
 
     struct Uniform;
 
-    impl Classifier for Uniform {
-        fn classify(&mut self, _: &[f32], n: usize) -> Result<Vec<f32>, ForwardError> {
+    impl Engine for Uniform {
+        fn logits(&mut self, _: &[f32], n: usize) -> Result<Vec<f32>, EngineError> {
             Ok(vec![0.0; n * 10])
         }
     }

@@ -45,7 +45,7 @@ impl ModelInfo {
             mean: meta.mean,
             std: meta.std,
             device: crate::model::device_name(model.device()),
-            engine: model.engine_name(),
+            engine: model.engine_name().to_string(),
             source: meta.source.clone(),
             weights: model.weights.clone(),
         }

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use bytes::Bytes;
 
 use super::{InferError, ModelInfo, ModelInput};
-use crate::model::{INPUT_CHANNELS, INPUT_SIZE};
+use crate::model::{IMAGE_FLOATS, INPUT_CHANNELS, INPUT_SIZE};
 
 /// The FP32 input: normalised images, `[N, 3, 32, 32]`, row-major.
 pub const INPUT_PIXELS: &str = "input";
@@ -101,7 +101,7 @@ pub fn model_input(
         INPUT_PIXELS => {
             expect_datatype(&input, "FP32")?;
             let n = batch_size(&input, &[INPUT_CHANNELS, INPUT_SIZE, INPUT_SIZE], max_batch)?;
-            let count = n * INPUT_CHANNELS * INPUT_SIZE * INPUT_SIZE;
+            let count = n * IMAGE_FLOATS;
             let pixels = match input.contents {
                 Contents::Fp32(values) => {
                     if let Some(i) = values.iter().position(|v| !v.is_finite()) {

@@ -3,13 +3,14 @@
 //! keeps each batch norm as its own layer (the reference the other engines are checked against);
 //! on CUDA each batch norm is folded into its convolution by [`super::fold`], as the fast CPU
 //! engine does, so a layer is one convolution plus a bias add instead of a convolution and six
-//! element-wise kernels.
+//! element-wise kernels. [`CandleEngine`] puts it behind the slice-based [`Engine`] trait.
 
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor};
 use candle_nn::{BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, Linear, VarBuilder};
 
+use super::engine::{check_input, Engine, EngineError};
 use super::fold::{self, fold_batch_norm, BN_EPS};
-use super::spec::{ModelSpec, Shortcut, INPUT_CHANNELS, STAGE_CHANNELS};
+use super::spec::{ModelSpec, Shortcut, INPUT_CHANNELS, INPUT_SIZE, STAGE_CHANNELS};
 
 /// How the batch norms of the network are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -277,5 +278,32 @@ impl Module for CandleResNet {
         }
         let pooled = y.mean((2, 3))?;
         self.fc.forward(&pooled)
+    }
+}
+
+/// The candle network behind the slice-based [`Engine`] interface: slices become an NCHW tensor
+/// on the network's device and the logits come back to the host.
+#[derive(Debug)]
+pub struct CandleEngine {
+    net: CandleResNet,
+    device: Device,
+}
+
+impl CandleEngine {
+    /// `net` must have been built on `device`.
+    pub fn new(net: CandleResNet, device: Device) -> Self {
+        Self { net, device }
+    }
+}
+
+impl Engine for CandleEngine {
+    fn logits(&mut self, images: &[f32], n: usize) -> std::result::Result<Vec<f32>, EngineError> {
+        check_input(images, n)?;
+        let input = Tensor::from_slice(
+            images,
+            (n, INPUT_CHANNELS, INPUT_SIZE, INPUT_SIZE),
+            &self.device,
+        )?;
+        Ok(self.net.forward(&input)?.flatten_all()?.to_vec1()?)
     }
 }

@@ -1,10 +1,12 @@
 //! The model: architecture spec, weights loading and conversion, and the forward-pass engines
-//! behind one [`Model`] type that the batcher, `eval` and `bench` all use.
+//! behind the one slice-based [`Engine`] trait, which [`Model`] (the loaded, chosen engine with
+//! its description) implements for the batcher, `eval` and `bench`.
 
 pub mod candle;
 pub mod convert;
 mod device;
 pub mod embedded;
+pub mod engine;
 pub mod fast;
 pub mod fetch;
 pub mod fold;
@@ -14,16 +16,14 @@ mod pytorch_pickle;
 pub mod spec;
 pub mod weights;
 
-use candle_core::{Device, Module, Tensor};
+use candle_core::Device;
 
-use self::candle::BatchNormMode;
+use self::candle::{BatchNormMode, CandleEngine};
 pub use device::{check_device, device_name, select_device};
+pub use engine::{Engine, EngineError};
 pub use options::{DeviceChoice, EngineChoice, LoadOptions, SimdChoice};
-pub use spec::{ModelSpec, Shortcut, INPUT_CHANNELS, INPUT_SIZE};
+pub use spec::{ModelSpec, Shortcut, IMAGE_FLOATS, INPUT_CHANNELS, INPUT_SIZE};
 pub use weights::{Checkpoint, ModelMetadata, WeightsError, WeightsOrigin, WeightsSource};
-
-/// Floats in one preprocessed image, `[3, 32, 32]`.
-pub const IMAGE_FLOATS: usize = INPUT_CHANNELS * INPUT_SIZE * INPUT_SIZE;
 
 /// Why a model could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -50,22 +50,15 @@ pub enum ModelError {
 const FAST_ENGINE_IS_CPU_ONLY: &str =
     "the fast engine runs on the CPU only (use --engine candle or auto, or --device cpu)";
 
-/// Which forward-pass implementation a [`Model`] runs.
-#[derive(Debug)]
-enum Engine {
-    Candle(candle::CandleResNet),
-    Fast(fast::FastResNet),
-}
-
-/// A loaded, ready-to-run classifier.
-#[derive(Debug)]
+/// A loaded, ready-to-run classifier: the chosen engine and what it runs.
 pub struct Model {
     pub spec: ModelSpec,
     pub metadata: ModelMetadata,
     /// Which weights were loaded: embedded or a file, and their sha256.
     pub weights: WeightsOrigin,
     device: Device,
-    engine: Engine,
+    engine_name: String,
+    engine: Box<dyn Engine>,
 }
 
 impl Model {
@@ -91,7 +84,7 @@ impl Model {
             origin,
         } = checkpoint;
         let on_cpu = device.is_cpu();
-        let engine = match options.engine {
+        let (engine_name, engine): (String, Box<dyn Engine>) = match options.engine {
             EngineChoice::Fast if !on_cpu => {
                 return Err(ModelError::Engine {
                     engine: options.engine,
@@ -99,21 +92,29 @@ impl Model {
                     reason: FAST_ENGINE_IS_CPU_ONLY.into(),
                 })
             }
-            EngineChoice::Fast | EngineChoice::Auto if on_cpu => Engine::Fast(
-                fast::FastResNet::new(&spec, &tensors, options.simd, options.threads)?,
-            ),
-            _ => Engine::Candle(candle::CandleResNet::from_tensors(
-                &spec,
-                &tensors,
-                &device,
-                BatchNormMode::for_device(&device),
-            )?),
+            EngineChoice::Fast | EngineChoice::Auto if on_cpu => {
+                let net = fast::FastResNet::new(&spec, &tensors, options.simd, options.threads)?;
+                (net.name(), Box::new(net))
+            }
+            _ => {
+                let mode = BatchNormMode::for_device(&device);
+                let net = candle::CandleResNet::from_tensors(&spec, &tensors, &device, mode)?;
+                let name = match mode {
+                    BatchNormMode::Separate => "candle",
+                    BatchNormMode::Folded => "candle-folded",
+                };
+                (
+                    name.into(),
+                    Box::new(CandleEngine::new(net, device.clone())),
+                )
+            }
         };
         Ok(Self {
             spec,
             metadata,
             weights: origin,
             device,
+            engine_name,
             engine,
         })
     }
@@ -124,39 +125,24 @@ impl Model {
     }
 
     /// The engine's name, as shown by `/v1/model`, `bench` and the metrics.
-    pub fn engine_name(&self) -> String {
-        match &self.engine {
-            Engine::Candle(net) => match net.batch_norm_mode() {
-                BatchNormMode::Separate => "candle".into(),
-                BatchNormMode::Folded => "candle-folded".into(),
-            },
-            Engine::Fast(net) => net.name(),
-        }
+    pub fn engine_name(&self) -> &str {
+        &self.engine_name
     }
+}
 
-    /// `[N, 3, 32, 32]` normalised images (any device) to `[N, classes]` logits on the model's device.
-    pub fn forward(&self, images: &Tensor) -> candle_core::Result<Tensor> {
-        let images = images.to_device(&self.device)?;
-        match &self.engine {
-            Engine::Candle(net) => net.forward(&images),
-            Engine::Fast(net) => net.forward(&images),
-        }
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("spec", &self.spec)
+            .field("weights", &self.weights)
+            .field("device", &self.device)
+            .field("engine", &self.engine_name)
+            .finish_non_exhaustive()
     }
+}
 
-    /// Logits for `n` normalised images laid out as `n * [3, 32, 32]` floats: `n * classes` floats.
-    pub fn logits(&self, images: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
-        if images.len() != n * IMAGE_FLOATS {
-            candle_core::bail!(
-                "expected {} floats for {n} images, got {}",
-                n * IMAGE_FLOATS,
-                images.len()
-            );
-        }
-        let input = Tensor::from_slice(
-            images,
-            (n, INPUT_CHANNELS, INPUT_SIZE, INPUT_SIZE),
-            &self.device,
-        )?;
-        self.forward(&input)?.flatten_all()?.to_vec1()
+impl Engine for Model {
+    fn logits(&mut self, images: &[f32], n: usize) -> Result<Vec<f32>, EngineError> {
+        self.engine.logits(images, n)
     }
 }

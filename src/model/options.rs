@@ -65,6 +65,18 @@ pub enum SimdChoice {
     Scalar,
 }
 
+impl SimdChoice {
+    /// The name `--simd` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Avx512 => "avx512",
+            Self::Avx2 => "avx2",
+            Self::Scalar => "scalar",
+        }
+    }
+}
+
 /// How to build a [`super::Model`]: which weights, where, and with which engine. The defaults
 /// are the command line's.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

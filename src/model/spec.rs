@@ -9,6 +9,9 @@ pub const STAGE_CHANNELS: [usize; 3] = [16, 32, 64];
 pub const INPUT_SIZE: usize = 32;
 /// Input channels (RGB).
 pub const INPUT_CHANNELS: usize = 3;
+/// Floats in one normalised input image, `[3, 32, 32]` channel-major: the unit in which every
+/// engine, the batcher and the protocols count pixels.
+pub const IMAGE_FLOATS: usize = INPUT_CHANNELS * INPUT_SIZE * INPUT_SIZE;
 
 /// How the first block of stages 2 and 3 matches the shortcut to the new shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

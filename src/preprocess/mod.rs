@@ -11,10 +11,7 @@ pub use decode::{
 };
 pub use resample::resize_shorter_and_center_crop;
 
-use crate::model::{INPUT_CHANNELS, INPUT_SIZE};
-
-/// Floats in one preprocessed image, `[3, 32, 32]`.
-const OUTPUT_FLOATS: usize = INPUT_CHANNELS * INPUT_SIZE * INPUT_SIZE;
+use crate::model::{IMAGE_FLOATS, INPUT_SIZE};
 
 /// Why an upload cannot become model input. The HTTP layer maps each to a status code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,7 +56,7 @@ pub fn preprocess_with(
 ) -> Result<Vec<f32>, PreprocessError> {
     let image = decode_rgb8_with(bytes, options)?;
     let cropped = resize_shorter_and_center_crop(&image, INPUT_SIZE as u32);
-    let mut out = Vec::with_capacity(OUTPUT_FLOATS);
+    let mut out = Vec::with_capacity(IMAGE_FLOATS);
     normalize_hwc(&cropped.pixels, mean, std, &mut out);
     Ok(out)
 }

@@ -9,9 +9,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use resnet_serve::batcher::{Classifier, ForwardError};
 use resnet_serve::connections::ConnectionLimits;
 use resnet_serve::infer::ModelInfo;
+use resnet_serve::model::engine::{Engine, EngineError};
 use resnet_serve::model::{DeviceChoice, EngineChoice, LoadOptions, Model, SimdChoice};
 use resnet_serve::server::{self, ServerConfig, ServerError};
 
@@ -25,11 +25,11 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    pub fn start<M: Classifier>(model: M, info: ModelInfo, config: ServerConfig) -> Self {
+    pub fn start<M: Engine>(model: M, info: ModelInfo, config: ServerConfig) -> Self {
         Self::start_with_limits(model, info, config, ConnectionLimits::default())
     }
 
-    pub fn start_with_limits<M: Classifier>(
+    pub fn start_with_limits<M: Engine>(
         model: M,
         info: ModelInfo,
         config: ServerConfig,
@@ -258,8 +258,8 @@ fn take_one(counter: &AtomicUsize) -> bool {
         .is_ok()
 }
 
-impl Classifier for FakeModel {
-    fn classify(&mut self, images: &[f32], n: usize) -> Result<Vec<f32>, ForwardError> {
+impl Engine for FakeModel {
+    fn logits(&mut self, images: &[f32], n: usize) -> Result<Vec<f32>, EngineError> {
         self.gate.pass();
         self.batches.lock().unwrap().push(n);
         assert_eq!(images.len(), n * 3 * 32 * 32);
@@ -267,7 +267,7 @@ impl Classifier for FakeModel {
             panic!("injected panic");
         }
         if take_one(&self.fail_next) {
-            return Err("injected failure".into());
+            return Err(EngineError::Failed("injected failure".into()));
         }
         Ok((0..n)
             .flat_map(|_| (0..self.classes).map(|c| c as f32))

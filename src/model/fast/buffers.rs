@@ -67,6 +67,26 @@ impl Plane {
     }
 }
 
+/// What a layer reads: a whole bordered image of shape `plane`.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerInput<'a> {
+    pub image: &'a [f32],
+    pub plane: Plane,
+}
+
+/// What a layer writes: interior rows `rows` of an image of shape `plane`, and what is fused into
+/// that write (a residual added before the optional ReLU).
+#[derive(Debug)]
+pub struct LayerOutput<'a> {
+    /// Exactly the bordered rows holding `rows`: `plane.rows(&rows)` of the whole image.
+    pub band: &'a mut [f32],
+    pub plane: Plane,
+    pub rows: std::ops::Range<usize>,
+    /// Same extent as `band`.
+    pub residual: Option<&'a [f32]>,
+    pub relu: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,9 +2,7 @@
 //! the kernel chosen for its shape and SIMD level, and the bounds checks that make running that
 //! kernel on caller-provided buffers sound.
 
-use std::ops::Range;
-
-use super::buffers::{AlignedBuf, Plane};
+use super::buffers::{AlignedBuf, LayerInput, LayerOutput, Plane};
 use super::kernels::{self, scalar, Kernel, RawConv};
 use super::simd::SimdLevel;
 use crate::model::fold::FoldedConv;
@@ -20,21 +18,6 @@ pub struct ConvLayer {
     weights: AlignedBuf,
     bias: AlignedBuf,
     kernel: Kernel,
-}
-
-/// Where a convolution reads and writes: output rows `rows` of the image in `input`.
-#[derive(Debug)]
-pub struct ConvTask<'a> {
-    /// The whole bordered input image.
-    pub input: &'a [f32],
-    pub src: Plane,
-    /// The bordered rows of output rows `rows`: `dst.rows(&rows)` of the output image.
-    pub output: &'a mut [f32],
-    pub dst: Plane,
-    pub rows: Range<usize>,
-    /// Added before the ReLU; same extent as `output`.
-    pub residual: Option<&'a [f32]>,
-    pub relu: bool,
 }
 
 impl ConvLayer {
@@ -74,23 +57,22 @@ impl ConvLayer {
         )
     }
 
-    /// Computes `task.rows` of the output.
+    /// Computes `out.rows` of the output.
     ///
-    /// Panics when the task's buffers do not match the layer's geometry: a bug in the network
-    /// plan, never a consequence of input data. These checks are what keeps the kernels in bounds.
-    pub fn run(&self, task: ConvTask<'_>) {
-        let ConvTask {
-            input,
-            src,
-            output,
-            dst,
+    /// Panics when the buffers do not match the layer's geometry: a bug in the network plan,
+    /// never a consequence of input data. These checks are what keeps the kernels in bounds.
+    pub fn run(&self, input: LayerInput<'_>, out: LayerOutput<'_>) {
+        let LayerInput { image, plane: src } = input;
+        let LayerOutput {
+            band: output,
+            plane: dst,
             rows,
             residual,
             relu,
-        } = task;
+        } = out;
         assert_eq!(src.c, self.cin, "input channels");
         assert_eq!(dst, self.output_plane(src), "output shape");
-        assert_eq!(input.len(), src.floats(), "input buffer");
+        assert_eq!(image.len(), src.floats(), "input buffer");
         assert!(rows.start <= rows.end && rows.end <= dst.h, "output rows");
         assert_eq!(output.len(), dst.rows(&rows).len(), "output band");
         if let Some(res) = residual {
@@ -109,13 +91,14 @@ impl ConvLayer {
                     weights: self.weights.as_slice(),
                     bias: self.bias.as_slice(),
                 },
-                input,
-                src,
-                output,
-                dst,
-                rows,
-                residual,
-                relu,
+                LayerInput { image, plane: src },
+                LayerOutput {
+                    band: output,
+                    plane: dst,
+                    rows,
+                    residual,
+                    relu,
+                },
             ),
             Kernel::Simd(kernel) => {
                 // A 3x3 convolution (padding 1) starts at the border; a 1x1 one inside it.
@@ -128,7 +111,7 @@ impl ConvLayer {
                 }
                 let first = (rows.start * self.stride + origin) * src.row_len() + origin * self.cin;
                 let raw = RawConv {
-                    src: input[first..].as_ptr(),
+                    src: image[first..].as_ptr(),
                     src_row: self.stride * src.row_len(),
                     taps,
                     ntaps: self.k * self.k,
@@ -145,7 +128,7 @@ impl ConvLayer {
                 // supports (levels are checked when the engine is built) and for this layer's
                 // (cin, cout, stride). The asserts above pin the geometry: output row r < dst.h
                 // reads input rows up to (dst.h - 1) * stride + 2 <= src.h + 1 (bordered) and
-                // likewise columns, so every tap lies in `input`; writes and residual reads cover
+                // likewise columns, so every tap lies in `image`; writes and residual reads cover
                 // pixels 0..dst.w of `rows.len()` bordered rows, which is `output`'s extent.
                 unsafe { kernel(&raw) };
             }
@@ -155,6 +138,8 @@ impl ConvLayer {
 
 #[cfg(test)]
 mod tests {
+    use std::ops::Range;
+
     use super::*;
     use crate::model::fast::testing::{image, noise, reference};
 
@@ -170,15 +155,19 @@ mod tests {
         let mut out = vec![0.0; dst.floats()];
         for rows in bands {
             let span = dst.rows(rows);
-            layer.run(ConvTask {
-                input,
-                src,
-                output: &mut out[span.clone()],
-                dst,
-                rows: rows.clone(),
-                residual: residual.map(|r| &r[span.clone()]),
-                relu,
-            });
+            layer.run(
+                LayerInput {
+                    image: input,
+                    plane: src,
+                },
+                LayerOutput {
+                    band: &mut out[span.clone()],
+                    plane: dst,
+                    rows: rows.clone(),
+                    residual: residual.map(|r| &r[span.clone()]),
+                    relu,
+                },
+            );
         }
         out
     }
@@ -250,14 +239,18 @@ mod tests {
         let src = Plane::new(8, 8, 16);
         let input = vec![0.0; src.floats()];
         let mut out = vec![0.0; 10];
-        layer.run(ConvTask {
-            input: &input,
-            src,
-            output: &mut out,
-            dst: src,
-            rows: 0..8,
-            residual: None,
-            relu: true,
-        });
+        layer.run(
+            LayerInput {
+                image: &input,
+                plane: src,
+            },
+            LayerOutput {
+                band: &mut out,
+                plane: src,
+                rows: 0..8,
+                residual: None,
+                relu: true,
+            },
+        );
     }
 }

@@ -10,30 +10,35 @@
 //! - [`network`]: the layer plan and a micro-batch's walk through it.
 //! - [`parallel`], [`workspace`], [`buffers`]: threads and the memory they work in.
 
-pub mod buffers;
-pub mod conv;
-pub mod kernels;
-pub mod network;
-pub mod parallel;
-pub mod simd;
+//!
+//! Only [`FastResNet`] and its options are public: the layers, kernels and buffers below it
+//! trust their callers (pointer kernels, buffers written by several threads), so they stay inside
+//! this module.
+
+mod buffers;
+mod conv;
+mod kernels;
+mod network;
+mod parallel;
+mod simd;
 #[cfg(test)]
 mod testing;
-pub mod winograd;
-pub mod workspace;
+mod winograd;
+mod workspace;
 
 use std::collections::HashMap;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::Tensor;
 
 use self::network::Network;
 use self::parallel::{Alone, BreakOnPanic, Partition, SpinBarrier, Team, TeamChooser};
 pub use self::simd::{SimdLevel, UnsupportedSimd};
 use self::winograd::Scratch;
 use self::workspace::Buffers;
-use super::spec::{ModelSpec, INPUT_CHANNELS, INPUT_SIZE};
+use super::engine::{check_input, Engine, EngineError};
+use super::spec::{ModelSpec, IMAGE_FLOATS};
 use super::SimdChoice;
 
 /// Why the fast engine could not be built.
@@ -124,7 +129,8 @@ pub struct FastResNet {
     simd: SimdLevel,
     threads: usize,
     threading: Threading,
-    workspace: Mutex<Workspace>,
+    /// Owned, not locked: a forward pass takes `&mut self`.
+    workspace: Workspace,
 }
 
 impl FastResNet {
@@ -175,7 +181,7 @@ impl FastResNet {
             simd,
             threads,
             threading: options.threading,
-            workspace: Mutex::new(workspace),
+            workspace,
         })
     }
 
@@ -194,52 +200,12 @@ impl FastResNet {
         format!("fast-{}", self.simd)
     }
 
-    /// `[N, 3, 32, 32]` normalised NCHW f32 CPU images to `[N, classes]` logits.
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (n, c, h, w) = x.dims4()?;
-        if (c, h, w) != (INPUT_CHANNELS, INPUT_SIZE, INPUT_SIZE) {
-            candle_core::bail!(
-                "fast engine: expected [N, {INPUT_CHANNELS}, {INPUT_SIZE}, {INPUT_SIZE}] images, got {:?}",
-                x.dims()
-            );
-        }
-        if !x.device().is_cpu() {
-            candle_core::bail!("fast engine: images must be on the CPU");
-        }
-        let x = x.to_dtype(DType::F32)?.contiguous()?;
-        let (storage, layout) = x.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("fast engine: images must be on the CPU");
-        };
-        let start = layout.start_offset();
-        let images = &cpu.as_slice::<f32>()?[start..start + n * c * h * w];
-        let mut logits = vec![0.0f32; n * self.net.classes()];
-        // A panic here is a bug; report it as an error of this pass rather than take down the
-        // caller's thread (the workspace holds nothing that a failed pass could corrupt).
-        std::panic::catch_unwind(AssertUnwindSafe(|| self.run(images, n, &mut logits))).map_err(
-            |panic| {
-                let reason = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                candle_core::Error::Msg(format!("fast engine: internal error: {reason}"))
-            },
-        )?;
-        Tensor::from_vec(logits, (n, self.net.classes()), &Device::Cpu)
-    }
-
     /// Fills `logits` (`n * classes`) for `n` images laid out `n * [3, 32, 32]`.
-    fn run(&self, images: &[f32], n: usize, logits: &mut [f32]) {
-        let image_len = INPUT_CHANNELS * INPUT_SIZE * INPUT_SIZE;
-        let classes = self.net.classes();
-        // A poisoned lock means a forward pass panicked; the buffers hold no state between
-        // passes (borders are never written), so they are still good to use.
-        let mut guard = self
-            .workspace
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let Workspace { own, team, chooser } = &mut *guard;
+    fn run(&mut self, images: &[f32], n: usize, logits: &mut [f32]) {
+        let image_len = IMAGE_FLOATS;
+        let net = &self.net;
+        let classes = net.classes();
+        let Workspace { own, team, chooser } = &mut self.workspace;
         let threads = self.threads.min(own.len()).max(1);
         // Images [0, whole) go to threads whole; the rest are split layer by layer.
         let split = n % threads;
@@ -274,29 +240,36 @@ impl FastResNet {
                 }
                 let end = (start + chunk).min(whole);
                 let out = &mut out[..(end - start) * classes];
-                self.net.run_batch(
-                    &images[start * image_len..end * image_len],
-                    &own[..end - start],
-                    &Alone,
-                    scratch,
-                    Some(out),
-                );
+                // SAFETY: `own` views this thread's own buffers (`space`, borrowed exclusively
+                // by this closure call), which no other thread sees.
+                unsafe {
+                    net.run_batch(
+                        &images[start * image_len..end * image_len],
+                        &own[..end - start],
+                        &Alone,
+                        scratch,
+                        Some(out),
+                    )
+                };
                 let mut results = results.lock().unwrap_or_else(|p| p.into_inner());
                 results[start * classes..end * classes].copy_from_slice(out);
             }
-            let part = Team {
-                index,
-                barrier: &barrier,
-            };
+            // SAFETY: each thread started below gets its own `index`; when there are team
+            // images (`whole < n`) all `threads` of them start, which the barrier counts.
+            let part = unsafe { Team::new(index, &barrier) };
             for i in whole..n {
                 let out = &mut out[..classes];
-                self.net.run_batch(
-                    &images[i * image_len..(i + 1) * image_len],
-                    std::slice::from_ref(&team),
-                    &part,
-                    scratch,
-                    Some(out),
-                );
+                // SAFETY: the team buffers are used only by the `threads` members of this team,
+                // each running this same loop over the same images with its own index.
+                unsafe {
+                    net.run_batch(
+                        &images[i * image_len..(i + 1) * image_len],
+                        std::slice::from_ref(&team),
+                        &part,
+                        scratch,
+                        Some(out),
+                    )
+                };
                 if part.is_leader() {
                     let mut results = results.lock().unwrap_or_else(|p| p.into_inner());
                     results[i * classes..(i + 1) * classes].copy_from_slice(out);
@@ -323,5 +296,14 @@ impl FastResNet {
         if learn {
             chooser.record(whole < n, started.elapsed().as_secs_f64() / n as f64);
         }
+    }
+}
+
+impl Engine for FastResNet {
+    fn logits(&mut self, images: &[f32], n: usize) -> Result<Vec<f32>, EngineError> {
+        check_input(images, n)?;
+        let mut logits = vec![0.0f32; n * self.net.classes()];
+        self.run(images, n, &mut logits);
+        Ok(logits)
     }
 }

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
 
-use super::buffers::Plane;
-use super::conv::{ConvLayer, ConvTask};
+use super::buffers::{LayerInput, LayerOutput, Plane};
+use super::conv::ConvLayer;
 use super::parallel::Partition;
 use super::simd::SimdLevel;
 use super::winograd::{self, Scratch, WinogradLayer, TILE};
@@ -18,6 +18,15 @@ use crate::model::spec::{ModelSpec, Shortcut, INPUT_CHANNELS, INPUT_SIZE, STAGE_
 
 /// Buffer id of the network input.
 const INPUT: usize = 0;
+
+/// Which buffers of an image's [`Shared`] set a layer reads and writes, by buffer id.
+#[derive(Debug, Clone, Copy)]
+struct Operands {
+    src: usize,
+    dst: usize,
+    /// Added to the output before the ReLU.
+    residual: Option<usize>,
+}
 
 #[derive(Debug)]
 enum ShortcutPlan {
@@ -255,35 +264,42 @@ impl Network {
     /// One direct convolution of every image of the micro-batch, over this thread's rows.
     ///
     /// # Safety
-    /// Between two `sync`s of the partition, no thread writes `src` or `res`, and the threads
-    /// write disjoint rows of `dst` (what `Partition::rows` hands out), which nobody reads.
-    #[allow(clippy::too_many_arguments)]
+    /// Between two `sync`s of the partition, no thread writes `io.src` or `io.residual`, and the threads
+    /// write disjoint rows of `io.dst` (what `Partition::rows` hands out), which nobody reads.
     unsafe fn conv(
         &self,
         layer: &ConvLayer,
         batch: &[Shared<'_>],
         part: &impl Partition,
-        src: usize,
-        dst: usize,
-        res: Option<usize>,
+        io: Operands,
         relu: bool,
     ) {
-        let (src_plane, dst_plane) = (self.planes[src], self.planes[dst]);
+        let (src_plane, dst_plane) = (self.planes[io.src], self.planes[io.dst]);
         let rows = part.rows(dst_plane.h);
         let band = dst_plane.rows(&rows);
         for bufs in batch {
-            // SAFETY: the function contract.
-            unsafe {
-                layer.run(ConvTask {
-                    input: bufs.read(src),
-                    src: src_plane,
-                    output: bufs.write(dst, band.clone()),
-                    dst: dst_plane,
+            // SAFETY: nobody writes `src` or the residual in this phase, and these rows of `dst`
+            // are this thread's alone (the function contract).
+            let (image, output, residual) = unsafe {
+                (
+                    bufs.read(io.src),
+                    bufs.write(io.dst, band.clone()),
+                    io.residual.map(|id| &bufs.read(id)[band.clone()]),
+                )
+            };
+            layer.run(
+                LayerInput {
+                    image,
+                    plane: src_plane,
+                },
+                LayerOutput {
+                    band: output,
+                    plane: dst_plane,
                     rows: rows.clone(),
-                    residual: res.map(|id| &bufs.read(id)[band.clone()]),
+                    residual,
                     relu,
-                });
-            }
+                },
+            );
         }
     }
 
@@ -291,24 +307,19 @@ impl Network {
     ///
     /// # Safety
     /// As for [`Self::conv`].
-    #[allow(clippy::too_many_arguments)]
     unsafe fn conv3x3(
         &self,
         layer: &Conv3x3,
         batch: &[Shared<'_>],
         part: &impl Partition,
         scratch: &mut Scratch,
-        src: usize,
-        dst: usize,
-        res: Option<usize>,
+        io: Operands,
     ) {
         match layer {
-            // SAFETY: the function contract.
-            Conv3x3::Direct(layer) => unsafe { self.conv(layer, batch, part, src, dst, res, true) },
-            // SAFETY: the function contract.
-            Conv3x3::Winograd(layer) => unsafe {
-                self.winograd(layer, batch, part, scratch, src, dst, res)
-            },
+            // SAFETY: same contract as ours.
+            Conv3x3::Direct(layer) => unsafe { self.conv(layer, batch, part, io, true) },
+            // SAFETY: same contract as ours.
+            Conv3x3::Winograd(layer) => unsafe { self.winograd(layer, batch, part, scratch, io) },
         }
     }
 
@@ -318,18 +329,15 @@ impl Network {
     ///
     /// # Safety
     /// As for [`Self::conv`].
-    #[allow(clippy::too_many_arguments)]
     unsafe fn winograd(
         &self,
         layer: &WinogradLayer,
         batch: &[Shared<'_>],
         part: &impl Partition,
         scratch: &mut Scratch,
-        src: usize,
-        dst: usize,
-        res: Option<usize>,
+        io: Operands,
     ) {
-        let (src_plane, dst_plane) = (self.planes[src], self.planes[dst]);
+        let (src_plane, dst_plane) = (self.planes[io.src], self.planes[io.dst]);
         let tiles_x = dst_plane.w / TILE;
         // Whole tiles: a thread's band is a run of tile rows.
         let band = part.rows(dst_plane.h / TILE);
@@ -360,30 +368,35 @@ impl Network {
                 })
             };
             for (image, tiles, offset) in segments() {
-                // SAFETY: the function contract (nobody writes `src` in this phase).
-                let input = unsafe { batch[image].read(src) };
-                layer.transform_input(input, src_plane, tiles, (offset, n), scratch);
+                // SAFETY: nobody writes `src` in this phase (the function contract).
+                let input = unsafe { batch[image].read(io.src) };
+                let input = LayerInput {
+                    image: input,
+                    plane: src_plane,
+                };
+                layer.transform_input(input, tiles, (offset, n), scratch);
             }
             layer.multiply(n, scratch);
             for (image, tiles, offset) in segments() {
-                let rows = dst_plane.rows(&(tiles.start * TILE..tiles.end * TILE));
+                let rows = tiles.start * TILE..tiles.end * TILE;
+                let band = dst_plane.rows(&rows);
                 let bufs = &batch[image];
-                // SAFETY: the function contract: these rows of `dst` are this thread's.
+                // SAFETY: these rows of `dst` are this thread's band, and nobody writes the
+                // residual in this phase (the function contract).
                 let (output, residual) = unsafe {
                     (
-                        bufs.write(dst, rows.clone()),
-                        res.map(|id| &bufs.read(id)[rows]),
+                        bufs.write(io.dst, band.clone()),
+                        io.residual.map(|id| &bufs.read(id)[band]),
                     )
                 };
-                layer.transform_output(
-                    scratch,
-                    (offset, n),
-                    tiles,
-                    output,
-                    dst_plane,
+                let out = LayerOutput {
+                    band: output,
+                    plane: dst_plane,
+                    rows,
                     residual,
-                    true,
-                );
+                    relu: true,
+                };
+                layer.transform_output(scratch, (offset, n), out);
             }
             start = end;
         }
@@ -397,7 +410,12 @@ impl Network {
     /// per block conv1 + shortcut (input -> mid, shortcut buffer) and conv2 (mid + residual ->
     /// output). Within a phase no buffer is both read and written, and threads write disjoint
     /// rows; that is what makes the `Shared` accesses below sound.
-    pub fn run_batch(
+    ///
+    /// # Safety
+    /// The buffers behind `batch` are used, while this runs, only by the threads of `part`, each
+    /// calling `run_batch` with views of the same buffers and its own `part` of one partition
+    /// (for [`super::parallel::Alone`]: by this thread alone).
+    pub unsafe fn run_batch(
         &self,
         images: &[f32],
         batch: &[Shared<'_>],
@@ -422,30 +440,35 @@ impl Network {
             }
         }
         part.sync();
+        let stem = Operands {
+            src: INPUT,
+            dst: self.stem_output,
+            residual: None,
+        };
         // SAFETY: the stem phase reads INPUT (complete after the sync) and writes this thread's
         // rows of the stem output, which no other thread reads or writes in this phase.
-        unsafe { self.conv(&self.stem, batch, part, INPUT, self.stem_output, None, true) };
+        unsafe { self.conv(&self.stem, batch, part, stem, true) };
         part.sync();
         for block in &self.blocks {
+            let conv1 = Operands {
+                src: block.input,
+                dst: block.mid,
+                residual: None,
+            };
             // SAFETY: conv1's phase reads the block input (complete after the sync) and writes
             // this thread's rows of `mid`, which nothing reads until the next sync.
-            unsafe {
-                self.conv3x3(
-                    &block.conv1,
-                    batch,
-                    part,
-                    scratch,
-                    block.input,
-                    block.mid,
-                    None,
-                )
-            };
+            unsafe { self.conv3x3(&block.conv1, batch, part, scratch, conv1) };
             let residual = match &block.shortcut {
                 ShortcutPlan::Identity => block.input,
                 ShortcutPlan::Projection { conv, buf } => {
+                    let projection = Operands {
+                        src: block.input,
+                        dst: *buf,
+                        residual: None,
+                    };
                     // SAFETY: same phase as conv1: reads the block input, writes this thread's
                     // rows of the shortcut buffer, distinct from `mid` and from the input.
-                    unsafe { self.conv(conv, batch, part, block.input, *buf, None, false) };
+                    unsafe { self.conv(conv, batch, part, projection, false) };
                     *buf
                 }
                 ShortcutPlan::ZeroPad { pad, buf } => {
@@ -457,19 +480,14 @@ impl Network {
                 }
             };
             part.sync();
+            let conv2 = Operands {
+                src: block.mid,
+                dst: block.output,
+                residual: Some(residual),
+            };
             // SAFETY: conv2's phase reads `mid` and the residual (both complete after the sync)
             // and writes this thread's rows of the block output, which neither of them is.
-            unsafe {
-                self.conv3x3(
-                    &block.conv2,
-                    batch,
-                    part,
-                    scratch,
-                    block.mid,
-                    block.output,
-                    Some(residual),
-                )
-            };
+            unsafe { self.conv3x3(&block.conv2, batch, part, scratch, conv2) };
             part.sync();
         }
         if let (true, Some(logits)) = (part.is_leader(), logits) {

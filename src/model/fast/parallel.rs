@@ -105,7 +105,15 @@ impl Drop for BreakOnPanic<'_> {
 }
 
 /// Which output rows of a layer the calling thread computes, and how it waits for the others.
-pub trait Partition {
+///
+/// # Safety
+/// The network writes shared buffers from several threads on the strength of this trait, so an
+/// implementation must guarantee, for the threads that share one partition (one value per
+/// thread): `rows(n)` gives the threads disjoint ranges within `0..n` that together cover it;
+/// `sync` returns only after every thread of the partition has called it, and everything a
+/// thread wrote before its call is visible to all of them after; exactly one thread is the
+/// leader.
+pub unsafe trait Partition {
     /// This thread's share of `n` rows.
     fn rows(&self, n: usize) -> Range<usize>;
     /// Waits until every thread of the partition has finished the current layer.
@@ -118,7 +126,8 @@ pub trait Partition {
 #[derive(Debug, Clone, Copy)]
 pub struct Alone;
 
-impl Partition for Alone {
+// SAFETY: a partition of one thread: all rows, nobody to wait for, the leader.
+unsafe impl Partition for Alone {
     fn rows(&self, n: usize) -> Range<usize> {
         0..n
     }
@@ -131,11 +140,24 @@ impl Partition for Alone {
 /// Thread `index` of `barrier`'s threads, each computing a contiguous band of every layer's rows.
 #[derive(Debug, Clone, Copy)]
 pub struct Team<'a> {
-    pub index: usize,
-    pub barrier: &'a SpinBarrier,
+    index: usize,
+    barrier: &'a SpinBarrier,
 }
 
-impl Partition for Team<'_> {
+impl<'a> Team<'a> {
+    /// # Safety
+    /// Each of the indices `0..threads` of `barrier` is used by exactly one thread, so that the
+    /// team's bands are disjoint and its barrier counts every member once.
+    pub unsafe fn new(index: usize, barrier: &'a SpinBarrier) -> Self {
+        Self { index, barrier }
+    }
+}
+
+// SAFETY: the bands `n * index / size .. n * (index + 1) / size` for index 0..size are
+// contiguous, disjoint and cover 0..n (tested below); `SpinBarrier::wait` returns once all `size`
+// threads have arrived, with acquire/release ordering on its counters; index 0 leads. The
+// indices of one barrier's team are distinct by construction (`FastResNet::run`).
+unsafe impl Partition for Team<'_> {
     fn rows(&self, n: usize) -> Range<usize> {
         let size = self.barrier.threads;
         n * self.index / size..n * (self.index + 1) / size

@@ -3,9 +3,10 @@
 
 use crate::model::SimdChoice;
 
-/// An instruction set the kernels are written for.
+/// An instruction set the kernels are written for. Only the kernel selectors look at it; what
+/// they are given is always a [`SimdLevel`], which vouches that the CPU has it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SimdLevel {
+pub(crate) enum Isa {
     /// AVX-512F (with AVX2 and FMA): 16 f32 lanes, 32 vector registers.
     Avx512,
     /// AVX2 + FMA: 8 f32 lanes, 16 vector registers.
@@ -14,18 +15,9 @@ pub enum SimdLevel {
     Scalar,
 }
 
-impl SimdLevel {
-    /// Lower-case name, as used in the engine name (`fast-avx512`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Avx512 => "avx512",
-            Self::Avx2 => "avx2",
-            Self::Scalar => "scalar",
-        }
-    }
-
-    /// Whether this CPU can run kernels of this level.
-    pub fn is_supported(self) -> bool {
+impl Isa {
+    /// Whether this CPU can run kernels of this instruction set.
+    fn is_supported(self) -> bool {
         match self {
             Self::Scalar => true,
             // The AVX-512 build of the Winograd transforms also uses AVX2 and FMA (every
@@ -45,36 +37,59 @@ impl SimdLevel {
             Self::Avx512 | Self::Avx2 => false,
         }
     }
+}
+
+/// An instruction set that this CPU supports: the only way to get one is detection
+/// ([`Self::detect`], [`Self::supported`], [`Self::resolve`]), so the kernels selected for it
+/// can be run without checking again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SimdLevel(Isa);
+
+impl SimdLevel {
+    /// The portable level, which every CPU supports.
+    pub const SCALAR: Self = Self(Isa::Scalar);
+
+    /// Lower-case name, as used in the engine name (`fast-avx512`) and by `--simd`.
+    pub fn as_str(self) -> &'static str {
+        match self.0 {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Scalar => "scalar",
+        }
+    }
+
+    /// The instruction set, for the kernel selectors.
+    pub(crate) fn isa(self) -> Isa {
+        self.0
+    }
 
     /// The best level this CPU supports.
     pub fn detect() -> Self {
-        [Self::Avx512, Self::Avx2]
-            .into_iter()
-            .find(|level| level.is_supported())
-            .unwrap_or(Self::Scalar)
+        Self::supported().first().copied().unwrap_or(Self::SCALAR)
     }
 
     /// Every level this CPU supports, best first.
     pub fn supported() -> Vec<Self> {
-        [Self::Avx512, Self::Avx2, Self::Scalar]
+        [Isa::Avx512, Isa::Avx2, Isa::Scalar]
             .into_iter()
-            .filter(|level| level.is_supported())
+            .filter(|isa| isa.is_supported())
+            .map(Self)
             .collect()
     }
 
     /// Resolves `--simd`: `auto` detects, an explicit level must be supported by this CPU.
     pub fn resolve(choice: SimdChoice) -> Result<Self, UnsupportedSimd> {
-        let level = match choice {
+        let isa = match choice {
             SimdChoice::Auto => return Ok(Self::detect()),
-            SimdChoice::Avx512 => Self::Avx512,
-            SimdChoice::Avx2 => Self::Avx2,
-            SimdChoice::Scalar => Self::Scalar,
+            SimdChoice::Avx512 => Isa::Avx512,
+            SimdChoice::Avx2 => Isa::Avx2,
+            SimdChoice::Scalar => Isa::Scalar,
         };
-        if level.is_supported() {
-            Ok(level)
+        if isa.is_supported() {
+            Ok(Self(isa))
         } else {
             Err(UnsupportedSimd {
-                requested: level,
+                requested: choice,
                 best: Self::detect(),
             })
         }
@@ -89,9 +104,9 @@ impl std::fmt::Display for SimdLevel {
 
 /// A forced SIMD level that this CPU does not have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("--simd {requested}: this CPU does not support it (the best it supports is {best})")]
+#[error("--simd {}: this CPU does not support it (the best it supports is {best})", requested.as_str())]
 pub struct UnsupportedSimd {
-    pub requested: SimdLevel,
+    pub requested: SimdChoice,
     pub best: SimdLevel,
 }
 
@@ -101,24 +116,31 @@ mod tests {
 
     #[test]
     fn auto_picks_a_supported_level_and_scalar_is_always_available() {
-        assert!(SimdLevel::resolve(SimdChoice::Auto).unwrap().is_supported());
+        let auto = SimdLevel::resolve(SimdChoice::Auto).unwrap();
+        assert!(SimdLevel::supported().contains(&auto));
         assert_eq!(
             SimdLevel::resolve(SimdChoice::Scalar).unwrap(),
-            SimdLevel::Scalar
+            SimdLevel::SCALAR
         );
         assert_eq!(SimdLevel::supported().first(), Some(&SimdLevel::detect()));
+        assert_eq!(SimdLevel::supported().last(), Some(&SimdLevel::SCALAR));
     }
 
     #[test]
     fn forcing_a_level_matches_detection() {
-        for (choice, level) in [
-            (SimdChoice::Avx512, SimdLevel::Avx512),
-            (SimdChoice::Avx2, SimdLevel::Avx2),
+        for (choice, isa) in [
+            (SimdChoice::Avx512, Isa::Avx512),
+            (SimdChoice::Avx2, Isa::Avx2),
         ] {
             match SimdLevel::resolve(choice) {
-                Ok(got) => assert_eq!(got, level),
+                Ok(got) => {
+                    assert_eq!(got.isa(), isa);
+                    assert!(SimdLevel::supported().contains(&got));
+                }
                 Err(e) => {
-                    assert!(!level.is_supported());
+                    assert!(!isa.is_supported());
+                    assert!(SimdLevel::supported().iter().all(|l| l.isa() != isa));
+                    assert_eq!(e.requested, choice);
                     assert!(e.to_string().contains("does not support"), "{e}");
                 }
             }

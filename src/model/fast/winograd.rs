@@ -8,9 +8,9 @@
 
 use std::ops::Range;
 
-use super::buffers::{AlignedBuf, Plane};
+use super::buffers::{AlignedBuf, LayerInput, LayerOutput, Plane};
 use super::kernels::{self, Kernel, RawGemm};
-use super::simd::SimdLevel;
+use super::simd::{Isa, SimdLevel};
 use crate::model::fold::FoldedConv;
 
 /// Output tile side.
@@ -164,52 +164,57 @@ impl WinogradLayer {
     /// `offset..` of a group of `n` tiles.
     pub fn transform_input(
         &self,
-        input: &[f32],
-        src: Plane,
+        input: LayerInput<'_>,
         tiles: Range<usize>,
         (offset, n): (usize, usize),
         scratch: &mut Scratch,
     ) {
+        let LayerInput { image, plane: src } = input;
         assert_eq!(src.c, self.cin, "input channels");
-        assert_eq!(input.len(), src.floats(), "input buffer");
+        assert_eq!(image.len(), src.floats(), "input buffer");
         assert!(
             tiles.end * TILE <= src.h && src.w.is_multiple_of(TILE),
             "tile rows"
         );
         assert!(offset + tiles.len() * (src.w / TILE) <= n && n <= MAX_GROUP_TILES);
         let args = InputArgs {
-            input,
+            input: image,
             src,
             tiles,
             slot: Slot { offset, n },
         };
         let v = &mut scratch.v.as_mut_slice()[..POSITIONS * n * self.cin];
-        // SAFETY: the transform for this level was selected for a CPU that supports it (levels
-        // are checked when the engine is built); it indexes slices, so it is bounds-checked.
+        // SAFETY: the transform was selected for a `SimdLevel`, which exists only for an
+        // instruction set this CPU has; it indexes slices, so it is bounds-checked.
         unsafe { (self.input)(&args, v) };
     }
 
-    /// Transforms tiles `offset..` of the group of `n` back into tile rows `tiles` of the output
-    /// image: `output` holds exactly their bordered rows, `residual` (same extent) is added
-    /// before the optional ReLU.
-    #[allow(clippy::too_many_arguments)]
+    /// Transforms tiles `offset..` of the group of `n` back into the output rows `out.rows`
+    /// (whole tile rows), with bias, residual and ReLU fused.
     pub fn transform_output(
         &self,
         scratch: &Scratch,
         (offset, n): (usize, usize),
-        tiles: Range<usize>,
-        output: &mut [f32],
-        dst: Plane,
-        residual: Option<&[f32]>,
-        relu: bool,
+        out: LayerOutput<'_>,
     ) {
+        let LayerOutput {
+            band: output,
+            plane: dst,
+            rows,
+            residual,
+            relu,
+        } = out;
         assert_eq!(dst.c, self.cout, "output channels");
-        let rows = tiles.start * TILE..tiles.end * TILE;
+        assert!(
+            rows.start.is_multiple_of(TILE) && rows.end.is_multiple_of(TILE),
+            "whole tile rows"
+        );
         assert!(rows.end <= dst.h && dst.w.is_multiple_of(TILE), "tile rows");
         assert_eq!(output.len(), dst.rows(&rows).len(), "output band");
         if let Some(r) = residual {
             assert_eq!(r.len(), output.len(), "residual band");
         }
+        let tiles = rows.start / TILE..rows.end / TILE;
         assert!(offset + tiles.len() * (dst.w / TILE) <= n && n <= MAX_GROUP_TILES);
         let args = OutputArgs {
             m: &scratch.m.as_slice()[..POSITIONS * n * self.cout],
@@ -220,40 +225,46 @@ impl WinogradLayer {
             residual,
             relu,
         };
-        // SAFETY: as for the input transform.
+        // SAFETY: selected for a `SimdLevel`, as the input transform; it indexes slices, whose
+        // extents it checks once on entry.
         unsafe { (self.output)(&args, output) };
     }
 
-    /// Every output row of the convolution of one image, tile rows in groups (for tests and
-    /// simple callers; the network gathers tiles across images instead).
-    #[allow(clippy::too_many_arguments)]
-    pub fn run(
-        &self,
-        input: &[f32],
-        src: Plane,
-        output: &mut [f32],
-        dst: Plane,
-        residual: Option<&[f32]>,
-        relu: bool,
-        scratch: &mut Scratch,
-    ) {
+    /// The convolution of one whole image (`out.rows` must be all its rows), tile rows in
+    /// groups: the tests' way in (the network gathers tiles across images instead).
+    #[cfg(test)]
+    pub fn run(&self, input: LayerInput<'_>, out: LayerOutput<'_>, scratch: &mut Scratch) {
+        let LayerOutput {
+            band: output,
+            plane: dst,
+            rows,
+            residual,
+            relu,
+        } = out;
+        assert_eq!(rows, 0..dst.h, "whole image");
+        // `output` and `residual` start at the first interior row.
+        let first = dst.rows(&rows).start;
         let tiles_x = dst.w / TILE;
         let rows_per_group = (self.group_tiles / tiles_x).max(1);
         let mut ty = 0;
         while ty < dst.h / TILE {
             let tiles = ty..(ty + rows_per_group).min(dst.h / TILE);
             let n = tiles.len() * tiles_x;
-            self.transform_input(input, src, tiles.clone(), (0, n), scratch);
+            self.transform_input(input, tiles.clone(), (0, n), scratch);
             self.multiply(n, scratch);
-            let band = dst.rows(&(tiles.start * TILE..tiles.end * TILE));
+            let rows = tiles.start * TILE..tiles.end * TILE;
+            let band = dst.rows(&rows);
+            let band = band.start - first..band.end - first;
             self.transform_output(
                 scratch,
                 (0, n),
-                tiles.clone(),
-                &mut output[band.clone()],
-                dst,
-                residual.map(|r| &r[band]),
-                relu,
+                LayerOutput {
+                    band: &mut output[band.clone()],
+                    plane: dst,
+                    rows,
+                    residual: residual.map(|r| &r[band]),
+                    relu,
+                },
             );
             ty = tiles.end;
         }
@@ -558,21 +569,21 @@ macro_rules! by_width {
 }
 
 fn input_transform_for(level: SimdLevel, c: usize) -> InputTransform {
-    match level {
+    match level.isa() {
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 => by_width!(input_avx512, c),
+        Isa::Avx512 => by_width!(input_avx512, c),
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 => by_width!(input_avx2, c),
+        Isa::Avx2 => by_width!(input_avx2, c),
         _ => by_width!(input_scalar, c),
     }
 }
 
 fn output_transform_for(level: SimdLevel, c: usize) -> OutputTransform {
-    match level {
+    match level.isa() {
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 => by_width!(output_avx512, c),
+        Isa::Avx512 => by_width!(output_avx512, c),
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 => by_width!(output_avx2, c),
+        Isa::Avx2 => by_width!(output_avx2, c),
         _ => by_width!(output_scalar, c),
     }
 }
@@ -610,7 +621,21 @@ mod tests {
                 let mut scratch = Scratch::default();
                 for (res, relu) in [(None, false), (Some(&residual[..]), true)] {
                     let mut got = vec![0.0; dst.floats()];
-                    layer.run(&input, src, &mut got, dst, res, relu, &mut scratch);
+                    let band = dst.rows(&(0..dst.h));
+                    layer.run(
+                        LayerInput {
+                            image: &input,
+                            plane: src,
+                        },
+                        LayerOutput {
+                            band: &mut got[band.clone()],
+                            plane: dst,
+                            rows: 0..dst.h,
+                            residual: res.map(|r| &r[band]),
+                            relu,
+                        },
+                        &mut scratch,
+                    );
                     let want = reference(&conv, 1, &input, src, dst, res, relu);
                     // Winograd's rounding error grows with the magnitude of the partial sums,
                     // so it is judged against the scale of the output.

@@ -12,7 +12,7 @@ pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
 
-use super::simd::SimdLevel;
+use super::simd::{Isa, SimdLevel};
 
 /// One convolution over a band of output rows, as raw pointers. Built only by
 /// `ConvLayer::run`, which has checked that every address the kernel derives lies in bounds.
@@ -68,29 +68,31 @@ pub struct RawGemm {
 
 /// The best kernel of `level` for a convolution of this shape. Shapes without a specialised
 /// kernel (none in the CIFAR ResNets) fall back to the portable kernel, which is always correct.
+/// A [`SimdLevel`] exists only for an instruction set this CPU has, which is what makes the
+/// returned kernel safe to call on valid buffers.
 pub fn select(level: SimdLevel, cin: usize, cout: usize, stride: usize) -> Kernel {
-    let simd = match level {
-        SimdLevel::Scalar => None,
+    let simd = match level.isa() {
+        Isa::Scalar => None,
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 => avx512::select(cin, cout, stride),
+        Isa::Avx512 => avx512::select(cin, cout, stride),
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 => avx2::select(cin, cout, stride),
+        Isa::Avx2 => avx2::select(cin, cout, stride),
         #[cfg(not(target_arch = "x86_64"))]
-        SimdLevel::Avx512 | SimdLevel::Avx2 => None,
+        Isa::Avx512 | Isa::Avx2 => None,
     };
     simd.map_or(Kernel::Scalar, Kernel::Simd)
 }
 
 /// The best Winograd matrix-product kernel of `level` for these channel counts.
 pub fn select_gemm(level: SimdLevel, cin: usize, cout: usize) -> Kernel<GemmKernel> {
-    let simd = match level {
-        SimdLevel::Scalar => None,
+    let simd = match level.isa() {
+        Isa::Scalar => None,
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 => avx512::select_gemm(cin, cout),
+        Isa::Avx512 => avx512::select_gemm(cin, cout),
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 => avx2::select_gemm(cin, cout),
+        Isa::Avx2 => avx2::select_gemm(cin, cout),
         #[cfg(not(target_arch = "x86_64"))]
-        SimdLevel::Avx512 | SimdLevel::Avx2 => None,
+        Isa::Avx512 | Isa::Avx2 => None,
     };
     simd.map_or(Kernel::Scalar, Kernel::Simd)
 }

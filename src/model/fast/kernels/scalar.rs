@@ -1,9 +1,7 @@
 //! The portable convolution kernel: plain loops over the same layouts as the SIMD kernels,
 //! correct on every target and the yardstick the SIMD kernels are tested against.
 
-use std::ops::Range;
-
-use crate::model::fast::buffers::Plane;
+use crate::model::fast::buffers::{LayerInput, LayerOutput};
 
 /// Output channels accumulated at once (the widest layer of a CIFAR ResNet).
 const BLOCK: usize = 64;
@@ -19,20 +17,20 @@ pub struct ConvParams<'a> {
     pub bias: &'a [f32],
 }
 
-/// Output rows `rows` of the convolution of the bordered image `input` (shape `src`), written into
-/// `output`, the bordered rows of those output rows (`dst.rows(rows)`); `residual`, when given,
-/// has the same extent as `output` and is added before the optional ReLU.
-#[allow(clippy::too_many_arguments)]
-pub fn conv_rows(
-    c: &ConvParams<'_>,
-    input: &[f32],
-    src: Plane,
-    output: &mut [f32],
-    dst: Plane,
-    rows: Range<usize>,
-    residual: Option<&[f32]>,
-    relu: bool,
-) {
+/// Output rows `out.rows` of the convolution of the bordered image `input`, written into
+/// `out.band` with the residual and ReLU fused.
+pub fn conv_rows(c: &ConvParams<'_>, input: LayerInput<'_>, out: LayerOutput<'_>) {
+    let LayerInput {
+        image: input,
+        plane: src,
+    } = input;
+    let LayerOutput {
+        band: output,
+        plane: dst,
+        rows,
+        residual,
+        relu,
+    } = out;
     // A 3x3 convolution (padding 1) starts at the border; a 1x1 one (padding 0) inside it.
     let origin = 1 - c.k / 2;
     let mut acc = [0.0f32; BLOCK];

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Two builds of resnet-serve side by side, for a change that must not (or must) move the figures:
+# their logits against PyTorch on the 846 shared test images (`eval`), the forward pass at batch 1
+# and 64 (`bench`), and /classify end to end under wrk (1, 16 and 64 connections, the shared cat
+# PNG). Every round runs both builds, alternating which goes first; prints every run, the medians,
+# and B's median over A's.
+#
+#   git worktree add /tmp/before <commit> && (cd /tmp/before && cargo build --release)
+#   scripts/bench-ab.sh /tmp/before/target/release/resnet-serve target/release/resnet-serve
+#   ROUNDS=5 SECONDS_PER_RUN=5 THREADS=2 scripts/bench-ab.sh A B
+#
+# Refuses to measure (exit 3) when the 1-minute load average is above LOAD_MAX (0.5) after
+# waiting LOAD_WAIT seconds, unless FORCE=1 (scripts/bench-lib.sh). Needs wrk (Debian package).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/bench-lib.sh
+
+if (($# != 2)); then
+    echo "usage: $0 BINARY_A BINARY_B" >&2
+    exit 2
+fi
+bins=("$(realpath "$1")" "$(realpath "$2")")
+names=(A B)
+shared=$(cd "${RESNET_SHARED_DIR:-../shared}" && pwd)
+weights=$shared/models/resnet56-seed-random.safetensors
+image=$shared/data/images/0000-cat.png
+port=${PORT:-18380}
+rounds=${ROUNDS:-3}
+seconds=${SECONDS_PER_RUN:-5}
+threads=${THREADS:-0}
+need_apt wrk wrk
+work=$(mktemp -d)
+server=
+cleanup() {
+    if [[ -n $server ]]; then kill -TERM "$server" 2>/dev/null || true; fi
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+# Logits first (not timed): both builds must agree with PyTorch before their speed means anything.
+for i in 0 1; do
+    "${bins[$i]}" eval --weights "$weights" --threads "$threads" --json \
+        --data "$shared/data/cifar10-test-846.safetensors" \
+        --reference "$shared/reference/logits.safetensors" --reference-key seed_random_logits \
+        >"$work/eval-$i.json"
+    log "${names[$i]} eval: $(cat "$work/eval-$i.json")"
+done
+
+# forward NAME I: `bench` of build I at batch 1 and 64; appends "NAME bench-bBATCH images/s".
+forward() {
+    "${bins[$2]}" bench --weights "$weights" --threads "$threads" --batch-sizes 1,64 \
+        --seconds "$seconds" |
+        sed -n 's/.*"batch_size":\([0-9]*\),"images_per_second":\([0-9.]*\).*/\1 \2/p' |
+        while read -r batch ips; do echo "$1 bench-b$batch $ips"; done | tee -a "$work/runs"
+}
+
+# http NAME I: /classify on a fresh server of build I, wrk at each connection count; appends
+# "NAME http-cN req/s" and "NAME http-cN-p50ms / -p99ms" lines.
+http() {
+    "${bins[$2]}" serve --weights "$weights" --threads "$threads" --host 127.0.0.1 --port "$port" \
+        --grpc-port 0 >"$work/server-$1.log" 2>&1 &
+    server=$!
+    for _ in $(seq 120); do
+        curl -sf "http://127.0.0.1:$port/health/ready" >/dev/null && break
+        sleep 0.25
+    done
+    for c in 1 16 64; do
+        IMG=$image wrk -t1 -c"$c" -d"${seconds}s" --latency -s "$shared/anchors/torchserve/post.lua" \
+            "http://127.0.0.1:$port/classify" >"$work/wrk.txt" 2>&1 || true
+        awk -v name="$1" -v c="$c" '
+            function ms(v) {
+                if (v ~ /us$/) return substr(v, 1, length(v) - 2) / 1000
+                if (v ~ /ms$/) return substr(v, 1, length(v) - 2) + 0
+                if (v ~ /s$/) return substr(v, 1, length(v) - 1) * 1000
+                return -1
+            }
+            /Requests\/sec:/ { rps = $2 }
+            $1 == "50%" { p50 = ms($2) }  $1 == "99%" { p99 = ms($2) }
+            /Non-2xx/ { bad = $NF }
+            END {
+                if (bad > 0) printf "WARNING: %d non-2xx answers\n", bad > "/dev/stderr"
+                printf "%s http-c%s %s\n%s http-c%s-p50ms %s\n%s http-c%s-p99ms %s\n",
+                    name, c, rps, name, c, p50, name, c, p99
+            }' "$work/wrk.txt" | tee -a "$work/runs"
+    done
+    kill -TERM "$server"
+    wait "$server" || true
+    server=
+}
+
+idle_gate
+log "$(nproc) CPUs; A: ${bins[0]}; B: ${bins[1]}; $rounds rounds of ${seconds} s per figure"
+for round in $(seq "$rounds"); do
+    order=(0 1)
+    ((round % 2 == 0)) && order=(1 0)
+    for i in "${order[@]}"; do
+        forward "${names[$i]}" "$i"
+        http "${names[$i]}" "$i"
+    done
+done
+awk '
+    { v[$1, $2] = v[$1, $2] " " $3; figs[$2] = 1 }
+    function median(s,    n, a, i, j, t) {
+        n = split(substr(s, 2), a, " ")
+        for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+        return a[int((n + 1) / 2)]
+    }
+    END {
+        printf "%-16s %10s %10s %8s\n", "median", "A", "B", "B/A"
+        n = split("bench-b1 bench-b64 http-c1 http-c1-p50ms http-c1-p99ms http-c16 http-c16-p50ms http-c16-p99ms http-c64 http-c64-p50ms http-c64-p99ms", order, " ")
+        for (k = 1; k <= n; k++) {
+            f = order[k]
+            if (!(f in figs)) continue
+            a = median(v["A", f]); b = median(v["B", f])
+            printf "%-16s %10.2f %10.2f %8.3f\n", f, a, b, (a > 0 ? b / a : 0)
+        }
+    }' "$work/runs"
+log "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"

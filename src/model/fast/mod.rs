@@ -1,7 +1,8 @@
 //! The fast CPU engine: batch norm folded into the convolutions at load, channels-last
 //! activations with zero borders, fused conv + bias (+ residual) + ReLU kernels for AVX-512,
 //! AVX2 and portable code, Winograd F(4x4, 3x3) for the stride-1 3x3 convolutions, and the
-//! batch (or, for a batch smaller than the thread count, each layer) shared between threads.
+//! batch (or, for a batch smaller than the thread count, each layer) shared between threads that
+//! are started once, with the engine.
 //!
 //! - [`simd`]: detecting and forcing the instruction set.
 //! - [`crate::model::fold`]: batch-norm folding (shared with the candle engine on CUDA).
@@ -62,6 +63,8 @@ pub enum FastError {
     },
     #[error("--threads {0}: the fast engine runs at most {MAX_THREADS} threads")]
     TooManyThreads(usize),
+    #[error("starting the fast engine's threads: {0}")]
+    Threads(#[from] rayon::ThreadPoolBuildError),
 }
 
 /// Most threads the engine runs; each holds a micro-batch's buffers (about 5 MB).
@@ -131,6 +134,9 @@ pub struct FastResNet {
     threading: Threading,
     /// Owned, not locked: a forward pass takes `&mut self`.
     workspace: Workspace,
+    /// The `threads - 1` threads that work beside the caller's, started once: a pass wakes
+    /// them instead of starting threads. `None` with one thread.
+    helpers: Option<rayon::ThreadPool>,
 }
 
 impl FastResNet {
@@ -175,6 +181,15 @@ impl FastResNet {
             team: Buffers::new(net.planes()),
             chooser: TeamChooser::default(),
         };
+        let helpers = match threads {
+            1 => None,
+            n => Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n - 1)
+                    .thread_name(|i| format!("fast-engine-{}", i + 1))
+                    .build()?,
+            ),
+        };
         tracing::debug!(%simd, threads, winograd = options.winograd, "fast engine ready");
         Ok(Self {
             net,
@@ -182,6 +197,7 @@ impl FastResNet {
             threads,
             threading: options.threading,
             workspace,
+            helpers,
         })
     }
 
@@ -283,16 +299,26 @@ impl FastResNet {
             whole.div_ceil(chunk).min(threads)
         };
         let mut own = own.iter_mut().take(active);
-        std::thread::scope(|s| {
-            let first = own.next();
-            for (index, buffers) in own.enumerate() {
-                let work = &work;
-                s.spawn(move || work(index + 1, buffers));
+        let first = own.next();
+        match &self.helpers {
+            // Each helper job needs a thread of its own (team members wait for each other at
+            // barriers): the pool has exactly `threads - 1` threads, runs nothing else, and a
+            // job blocked at a barrier never picks up another, so each job gets its own thread.
+            Some(pool) if active > 1 => pool.in_place_scope(|s| {
+                for (index, buffers) in own.enumerate() {
+                    let work = &work;
+                    s.spawn(move |_| work(index + 1, buffers));
+                }
+                if let Some(buffers) = first {
+                    work(0, buffers);
+                }
+            }),
+            _ => {
+                if let Some(buffers) = first {
+                    work(0, buffers);
+                }
             }
-            if let Some(buffers) = first {
-                work(0, buffers);
-            }
-        });
+        }
         if learn {
             chooser.record(whole < n, started.elapsed().as_secs_f64() / n as f64);
         }

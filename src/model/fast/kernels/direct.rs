@@ -1,0 +1,226 @@
+//! The SIMD convolution kernel, written once over a [`Vector`] register type: each output pixel's
+//! channels are held in registers, a tile of `P` pixels x `N` vectors accumulates in registers,
+//! and every input value is broadcast once per tile and multiplied into all `N` weight vectors.
+//!
+//! Every function here is `#[inline(always)]` and has no target features of its own:
+//! [`instantiate!`] compiles it inside `#[target_feature]` wrappers, one set per instruction set,
+//! where the vector operations become single instructions.
+
+use super::vector::Vector;
+use super::{Band, RawConv, RawGemm};
+
+/// Defines `rows` and `gemm` in the invoking module (a sibling of this one): the kernels below
+/// for register type `$vector`, compiled with `$features` enabled. Their const parameters are
+/// the tile (`P` pixels x `N` vectors) and the layer (`CIN`, `COUT`, stride `S`).
+macro_rules! instantiate {
+    ($vector:ty, $features:literal) => {
+        /// [`super::direct::rows`] for this instruction set.
+        ///
+        /// # Safety
+        /// As for [`super::direct::rows`].
+        #[target_feature(enable = $features)]
+        unsafe fn rows<
+            const P: usize,
+            const N: usize,
+            const CIN: usize,
+            const COUT: usize,
+            const S: usize,
+        >(
+            t: &super::RawConv,
+        ) {
+            // SAFETY: the caller's contract is the kernel's.
+            unsafe { super::direct::rows::<$vector, P, N, CIN, COUT, S>(t) }
+        }
+
+        /// [`super::direct::gemm`] for this instruction set.
+        ///
+        /// # Safety
+        /// As for [`super::direct::gemm`].
+        #[target_feature(enable = $features)]
+        unsafe fn gemm<const P: usize, const N: usize, const CIN: usize, const COUT: usize>(
+            g: &super::RawGemm,
+        ) {
+            // SAFETY: the caller's contract is the kernel's.
+            unsafe { super::direct::gemm::<$vector, P, N, CIN, COUT>(g) }
+        }
+    };
+}
+pub(super) use instantiate;
+
+/// Runs a whole [`RawConv`]: rows, then blocks of `N` vectors of output channels, then tiles of
+/// `P` pixels, with narrower tiles for a tail that `P` does not divide.
+///
+/// # Safety
+/// The CPU supports `V`'s instruction set, every pointer in `t` is valid for the accesses its
+/// fields describe (`ConvLayer::run` checks them), and the layer has `CIN` inputs, `COUT` outputs
+/// (a multiple of `N` vectors), stride `S`.
+#[inline(always)]
+pub(super) unsafe fn rows<
+    V: Vector,
+    const P: usize,
+    const N: usize,
+    const CIN: usize,
+    const COUT: usize,
+    const S: usize,
+>(
+    t: &RawConv,
+) {
+    for r in 0..t.rows {
+        for co in (0..COUT).step_by(V::LANES * N) {
+            // SAFETY: row r and channel block co lie inside the task (caller's contract).
+            unsafe { run_band::<V, P, N, CIN, COUT, S>(&t.band(r, co)) };
+        }
+    }
+}
+
+/// Winograd matrix products for `(CIN, COUT)`: each position is a one-tap "convolution" of a row
+/// of `tiles` transformed tiles.
+///
+/// # Safety
+/// The CPU supports `V`'s instruction set, and `g` describes valid buffers (see [`RawGemm`]) for
+/// `CIN` inputs and `COUT` outputs (a multiple of `N` vectors).
+#[inline(always)]
+pub(super) unsafe fn gemm<
+    V: Vector,
+    const P: usize,
+    const N: usize,
+    const CIN: usize,
+    const COUT: usize,
+>(
+    g: &RawGemm,
+) {
+    let taps = [0isize];
+    for p in 0..g.positions {
+        for co in (0..COUT).step_by(V::LANES * N) {
+            // SAFETY: position p < positions and channel block co < COUT stay inside the buffers.
+            unsafe {
+                let band = Band {
+                    src: g.v.add(p * g.tiles * CIN),
+                    taps: &taps,
+                    weights: g.u.add(p * CIN * COUT + co),
+                    bias: g.zeros.add(co),
+                    dst: g.m.add(p * g.tiles * COUT + co),
+                    res: std::ptr::null(),
+                    width: g.tiles,
+                    relu: false,
+                };
+                run_band::<V, P, N, CIN, COUT, 1>(&band);
+            }
+        }
+    }
+}
+
+/// One band: tiles of `P` pixels, then narrower tiles for a tail that `P` does not divide.
+///
+/// # Safety
+/// As for [`rows`], for this band.
+#[inline(always)]
+unsafe fn run_band<
+    V: Vector,
+    const P: usize,
+    const N: usize,
+    const CIN: usize,
+    const COUT: usize,
+    const S: usize,
+>(
+    band: &Band<'_>,
+) {
+    // SAFETY: each call covers pixels x..x+Q <= band.width (caller's contract).
+    unsafe {
+        let mut x = tiles::<V, P, N, CIN, COUT, S>(band, 0);
+        if P > 4 {
+            x = tiles::<V, 4, N, CIN, COUT, S>(band, x);
+        }
+        if P > 2 {
+            x = tiles::<V, 2, N, CIN, COUT, S>(band, x);
+        }
+        if P > 1 {
+            tiles::<V, 1, N, CIN, COUT, S>(band, x);
+        }
+    }
+}
+
+/// Tiles of `Q` pixels from pixel `x` while they fit in the band's width; returns where it stopped.
+///
+/// # Safety
+/// As for [`rows`], for this band.
+#[inline(always)]
+unsafe fn tiles<
+    V: Vector,
+    const Q: usize,
+    const N: usize,
+    const CIN: usize,
+    const COUT: usize,
+    const S: usize,
+>(
+    band: &Band<'_>,
+    mut x: usize,
+) -> usize {
+    while x + Q <= band.width {
+        // SAFETY: pixels x..x+Q are inside the band.
+        unsafe { tile::<V, Q, N, CIN, COUT, S>(band, x) };
+        x += Q;
+    }
+    x
+}
+
+/// `P` output pixels from pixel `x` of the band x `N` vectors of output channels.
+///
+/// # Safety
+/// As for [`rows`], with `x + P <= band.width`.
+#[inline(always)]
+unsafe fn tile<
+    V: Vector,
+    const P: usize,
+    const N: usize,
+    const CIN: usize,
+    const COUT: usize,
+    const S: usize,
+>(
+    band: &Band<'_>,
+    x: usize,
+) {
+    // SAFETY: every offset below stays within pixels x..x+P, taps and channels of the band, and
+    // the CPU supports `V`'s instruction set (caller's contract).
+    unsafe {
+        let src = band.src.add(x * S * CIN);
+        let mut acc = [[V::zero(); N]; P];
+        for v in 0..N {
+            let bias = V::load(band.bias.add(v * V::LANES));
+            for row in acc.iter_mut() {
+                row[v] = bias;
+            }
+        }
+        for (tap, &off) in band.taps.iter().enumerate() {
+            let s = src.offset(off);
+            let wt = band.weights.add(tap * CIN * COUT);
+            for ci in 0..CIN {
+                let mut wv = [V::zero(); N];
+                for (v, wv) in wv.iter_mut().enumerate() {
+                    *wv = V::load(wt.add(ci * COUT + v * V::LANES));
+                }
+                for (p, row) in acc.iter_mut().enumerate() {
+                    let xv = V::splat(*s.add(p * S * CIN + ci));
+                    for (a, &wv) in row.iter_mut().zip(&wv) {
+                        *a = V::fmadd(xv, wv, *a);
+                    }
+                }
+            }
+        }
+        let zero = V::zero();
+        let dst = band.dst.add(x * COUT);
+        for (p, row) in acc.iter().enumerate() {
+            for (v, &a) in row.iter().enumerate() {
+                let o = p * COUT + v * V::LANES;
+                let mut y = a;
+                if !band.res.is_null() {
+                    y = V::add(y, V::load(band.res.add(x * COUT + o)));
+                }
+                if band.relu {
+                    y = V::max(y, zero);
+                }
+                V::store(dst.add(o), y);
+            }
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! Activation storage: 64-byte aligned float buffers holding zero-bordered channels-last images,
-//! so that 3x3 convolutions read their padding from memory instead of testing bounds.
+//! so that 3x3 convolutions read their padding from memory instead of testing bounds, and the
+//! operands through which a layer reads and writes them ([`LayerInput`], [`LayerOutput`]).
 
 /// One cache line of floats; a `Vec` of these is a 64-byte aligned float buffer.
 #[derive(Debug, Clone, Copy)]

@@ -301,21 +301,29 @@ impl FastResNet {
         let mut own = own.iter_mut().take(active);
         let first = own.next();
         match &self.helpers {
-            // Each helper job needs a thread of its own (team members wait for each other at
-            // barriers): the pool has exactly `threads - 1` threads, runs nothing else, and a
-            // job blocked at a barrier never picks up another, so each job gets its own thread.
-            Some(pool) if active > 1 => pool.in_place_scope(|s| {
-                for (index, buffers) in own.enumerate() {
-                    let work = &work;
-                    s.spawn(move |_| work(index + 1, buffers));
-                }
-                if let Some(buffers) = first {
-                    work(0, buffers);
-                }
-            }),
+            // Team members wait for each other at barriers, so each needs a thread of its own
+            // at the same time: a broadcast gives every pool thread exactly one job (and wakes
+            // it), which a plain spawn does not promise. Helper `i` takes space `i`, if any.
+            Some(pool) if active > 1 => {
+                let spaces: Vec<Mutex<Option<&mut ThreadSpace>>> =
+                    own.map(|space| Mutex::new(Some(space))).collect();
+                pool.in_place_scope(|s| {
+                    s.spawn_broadcast(|_, helper| {
+                        let space = spaces
+                            .get(helper.index())
+                            .and_then(|slot| slot.lock().unwrap_or_else(|p| p.into_inner()).take());
+                        if let Some(space) = space {
+                            work(helper.index() + 1, space);
+                        }
+                    });
+                    if let Some(space) = first {
+                        work(0, space);
+                    }
+                });
+            }
             _ => {
-                if let Some(buffers) = first {
-                    work(0, buffers);
+                if let Some(space) = first {
+                    work(0, space);
                 }
             }
         }

@@ -1,5 +1,7 @@
-//! Convolution microkernels, one module per instruction set, behind one pointer-level task
-//! description ([`RawConv`]) that [`super::conv::ConvLayer`] builds after checking every bound.
+//! Convolution microkernels behind one pointer-level task description ([`RawConv`]) that
+//! [`super::conv::ConvLayer`] builds after checking every bound: the portable kernel
+//! ([`scalar`]), and one SIMD kernel (`direct`, over the `vector` trait) instantiated for each
+//! instruction set ([`avx2`], [`avx512`]) with that set's tile shapes.
 //!
 //! All kernels compute the same thing: for each output pixel of some rows of a zero-bordered NHWC
 //! image, `relu?(bias + sum over taps and input channels of x * w (+ residual))`, with weights laid

@@ -32,7 +32,6 @@ pub fn image(p: Plane, seed: u64) -> Vec<f32> {
 }
 
 /// Straight from the definition: NCHW-style indexing on the unpadded image, f64 sums.
-#[allow(clippy::too_many_arguments)]
 pub fn reference(
     conv: &FoldedConv,
     stride: usize,

@@ -75,6 +75,15 @@ pub struct LayerInput<'a> {
     pub plane: Plane,
 }
 
+impl LayerInput<'_> {
+    /// Panics unless this is a whole bordered image of `channels` channels: the bound every
+    /// layer's kernels rely on when they read it.
+    pub fn check(&self, channels: usize) {
+        assert_eq!(self.plane.c, channels, "input channels");
+        assert_eq!(self.image.len(), self.plane.floats(), "input buffer");
+    }
+}
+
 /// What a layer writes: interior rows `rows` of an image of shape `plane`, and what is fused into
 /// that write (a residual added before the optional ReLU).
 #[derive(Debug)]
@@ -86,6 +95,26 @@ pub struct LayerOutput<'a> {
     /// Same extent as `band`.
     pub residual: Option<&'a [f32]>,
     pub relu: bool,
+}
+
+impl LayerOutput<'_> {
+    /// Panics unless `band` (and the residual) are exactly the bordered rows of `rows` of an
+    /// image of `channels` channels: the bound every layer's kernels rely on when they write it.
+    pub fn check(&self, channels: usize) {
+        assert_eq!(self.plane.c, channels, "output channels");
+        assert!(
+            self.rows.start <= self.rows.end && self.rows.end <= self.plane.h,
+            "output rows"
+        );
+        assert_eq!(
+            self.band.len(),
+            self.plane.rows(&self.rows).len(),
+            "output band"
+        );
+        if let Some(residual) = self.residual {
+            assert_eq!(residual.len(), self.band.len(), "residual band");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -62,6 +62,9 @@ impl ConvLayer {
     /// Panics when the buffers do not match the layer's geometry: a bug in the network plan,
     /// never a consequence of input data. These checks are what keeps the kernels in bounds.
     pub fn run(&self, input: LayerInput<'_>, out: LayerOutput<'_>) {
+        input.check(self.cin);
+        out.check(self.cout);
+        assert_eq!(out.plane, self.output_plane(input.plane), "output shape");
         let LayerInput { image, plane: src } = input;
         let LayerOutput {
             band: output,
@@ -70,14 +73,6 @@ impl ConvLayer {
             residual,
             relu,
         } = out;
-        assert_eq!(src.c, self.cin, "input channels");
-        assert_eq!(dst, self.output_plane(src), "output shape");
-        assert_eq!(image.len(), src.floats(), "input buffer");
-        assert!(rows.start <= rows.end && rows.end <= dst.h, "output rows");
-        assert_eq!(output.len(), dst.rows(&rows).len(), "output band");
-        if let Some(res) = residual {
-            assert_eq!(res.len(), output.len(), "residual band");
-        }
         if rows.is_empty() {
             return;
         }

@@ -169,9 +169,8 @@ impl WinogradLayer {
         (offset, n): (usize, usize),
         scratch: &mut Scratch,
     ) {
+        input.check(self.cin);
         let LayerInput { image, plane: src } = input;
-        assert_eq!(src.c, self.cin, "input channels");
-        assert_eq!(image.len(), src.floats(), "input buffer");
         assert!(
             tiles.end * TILE <= src.h && src.w.is_multiple_of(TILE),
             "tile rows"
@@ -197,6 +196,7 @@ impl WinogradLayer {
         (offset, n): (usize, usize),
         out: LayerOutput<'_>,
     ) {
+        out.check(self.cout);
         let LayerOutput {
             band: output,
             plane: dst,
@@ -204,16 +204,11 @@ impl WinogradLayer {
             residual,
             relu,
         } = out;
-        assert_eq!(dst.c, self.cout, "output channels");
         assert!(
             rows.start.is_multiple_of(TILE) && rows.end.is_multiple_of(TILE),
             "whole tile rows"
         );
-        assert!(rows.end <= dst.h && dst.w.is_multiple_of(TILE), "tile rows");
-        assert_eq!(output.len(), dst.rows(&rows).len(), "output band");
-        if let Some(r) = residual {
-            assert_eq!(r.len(), output.len(), "residual band");
-        }
+        assert!(dst.w.is_multiple_of(TILE), "tile rows");
         let tiles = rows.start / TILE..rows.end / TILE;
         assert!(offset + tiles.len() * (dst.w / TILE) <= n && n <= MAX_GROUP_TILES);
         let args = OutputArgs {

@@ -357,18 +357,9 @@ fn coverage_problems(
 
 /// `serve` with the given weights on an ephemeral port, killed when dropped.
 fn start_server(weights: &Path) -> common::JsonLogServer {
-    let mut command = common::command_without_resnet_env(&common::binary());
+    let mut command = common::JsonLogServer::command();
     command
-        .args([
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--log-format",
-            "json",
-            "--weights",
-        ])
+        .arg("--weights")
         .arg(weights)
         .env("RUST_LOG", "warn,resnet_serve=info");
     common::JsonLogServer::spawn(command)

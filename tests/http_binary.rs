@@ -247,16 +247,8 @@ impl RunningServer {
     /// Starts the binary in `dir` with `--weights` when given and `extra` flags; waits until
     /// ready.
     fn start_in(dir: &Path, weights: Option<&Path>, extra: &[&str]) -> Option<Self> {
-        let mut command = resnet_serve();
-        command.current_dir(dir).args([
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--log-format",
-            "json",
-        ]);
+        let mut command = common::JsonLogServer::command();
+        command.current_dir(dir);
         if let Some(weights) = weights {
             command.arg("--weights").arg(weights);
         }

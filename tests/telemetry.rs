@@ -87,17 +87,8 @@ impl Server {
     fn start(endpoint: &str) -> Option<Self> {
         let weights = common::shared_file("models/resnet56-seed-random.safetensors")?;
         let grpc = free_port();
-        let mut command = common::command_without_resnet_env(&common::binary());
+        let mut command = common::JsonLogServer::command();
         command
-            .args([
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--log-format",
-                "json",
-            ])
             .args([
                 "--grpc-port",
                 &grpc.to_string(),

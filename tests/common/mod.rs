@@ -176,7 +176,23 @@ pub struct JsonLogServer {
 }
 
 impl JsonLogServer {
-    /// Spawns `command` (a `serve` with `--port 0 --log-format json`), keeps draining its stderr
+    /// `serve --host 127.0.0.1 --port 0 --log-format json` of the binary under test, without the
+    /// caller's `RESNET_*` variables: what [`Self::spawn`] expects; add flags and env to it.
+    pub fn command() -> std::process::Command {
+        let mut command = command_without_resnet_env(&binary());
+        command.args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--log-format",
+            "json",
+        ]);
+        command
+    }
+
+    /// Spawns `command` (made by [`Self::command`]), keeps draining its stderr
     /// (so the server never blocks on a full pipe) and collecting the JSON lines, then waits for
     /// the address it logs as `listening` and for `/health/ready` to answer 200, 60 s each.
     pub fn spawn(mut command: std::process::Command) -> Self {

@@ -68,21 +68,11 @@ http() {
     for c in 1 16 64; do
         IMG=$image wrk -t1 -c"$c" -d"${seconds}s" --latency -s "$shared/anchors/torchserve/post.lua" \
             "http://127.0.0.1:$port/classify" >"$work/wrk.txt" 2>&1 || true
-        awk -v name="$1" -v c="$c" '
-            function ms(v) {
-                if (v ~ /us$/) return substr(v, 1, length(v) - 2) / 1000
-                if (v ~ /ms$/) return substr(v, 1, length(v) - 2) + 0
-                if (v ~ /s$/) return substr(v, 1, length(v) - 1) * 1000
-                return -1
-            }
-            /Requests\/sec:/ { rps = $2 }
-            $1 == "50%" { p50 = ms($2) }  $1 == "99%" { p99 = ms($2) }
-            /Non-2xx/ { bad = $NF }
-            END {
-                if (bad > 0) printf "WARNING: %d non-2xx answers\n", bad > "/dev/stderr"
-                printf "%s http-c%s %s\n%s http-c%s-p50ms %s\n%s http-c%s-p99ms %s\n",
-                    name, c, rps, name, c, p50, name, c, p99
-            }' "$work/wrk.txt" | tee -a "$work/runs"
+        local rps p50 p99 non2xx
+        read -r rps p50 p99 non2xx < <(wrk_summary "$work/wrk.txt")
+        ((non2xx == 0)) || log "WARNING: $non2xx non-2xx answers"
+        printf '%s http-c%s %s\n%s http-c%s-p50ms %s\n%s http-c%s-p99ms %s\n' \
+            "$1" "$c" "$rps" "$1" "$c" "$p50" "$1" "$c" "$p99" | tee -a "$work/runs"
     done
     kill -TERM "$server"
     wait "$server" || true

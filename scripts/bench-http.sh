@@ -92,23 +92,11 @@ port_free() {
 
 # record SERVER CONNECTIONS WRK-OUTPUT-FILE: one JSON line from wrk's --latency report.
 record() {
-    awk -v server="$1" -v c="$2" '
-        function ms(v) {
-            if (v ~ /us$/) return substr(v, 1, length(v) - 2) / 1000
-            if (v ~ /ms$/) return substr(v, 1, length(v) - 2) + 0
-            if (v ~ /m$/) return substr(v, 1, length(v) - 1) * 60000
-            if (v ~ /s$/) return substr(v, 1, length(v) - 1) * 1000
-            return -1
-        }
-        /Requests\/sec:/ { rps = $2 }
-        $1 == "50%" { p50 = ms($2) }  $1 == "99%" { p99 = ms($2) }
-        /Non-2xx or 3xx responses:/ { non2xx = $NF }
-        /Socket errors:/ { sub(/^ *Socket errors: */, ""); err = $0 }
-        END {
-            if (rps == "") { rps = 0; p50 = -1; p99 = -1 }
-            printf "{\"kind\":\"http\",\"server\":\"%s\",\"connections\":%d,\"requests_per_second\":%s,\"p50_ms\":%s,\"p99_ms\":%s,\"non_2xx\":%d,\"socket_errors\":\"%s\"}\n",
-                server, c, rps, p50, p99, non2xx, err
-        }' "$3" >>"$results"
+    local rps p50 p99 non2xx errors
+    read -r rps p50 p99 non2xx < <(wrk_summary "$3")
+    errors=$(sed -n 's/^ *Socket errors: *//p' "$3")
+    printf '{"kind":"http","server":"%s","connections":%d,"requests_per_second":%s,"p50_ms":%s,"p99_ms":%s,"non_2xx":%d,"socket_errors":"%s"}\n' \
+        "$1" "$2" "$rps" "$p50" "$p99" "$non2xx" "$errors" >>"$results"
 }
 
 idle_gate

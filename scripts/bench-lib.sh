@@ -58,6 +58,26 @@ need_venv() {
 }
 
 load1() { cut -d' ' -f1 /proc/loadavg; }
+
+# wrk_summary FILE: "REQ/S P50_MS P99_MS NON_2XX" from a `wrk --latency` report; "0 -1 -1 0" when
+# it holds no figures (the server never answered).
+wrk_summary() {
+    awk '
+        function ms(v) {
+            if (v ~ /us$/) return substr(v, 1, length(v) - 2) / 1000
+            if (v ~ /ms$/) return substr(v, 1, length(v) - 2) + 0
+            if (v ~ /m$/) return substr(v, 1, length(v) - 1) * 60000
+            if (v ~ /s$/) return substr(v, 1, length(v) - 1) * 1000
+            return -1
+        }
+        /Requests\/sec:/ { rps = $2 }
+        $1 == "50%" { p50 = ms($2) }  $1 == "99%" { p99 = ms($2) }
+        /Non-2xx or 3xx responses:/ { non2xx = $NF }
+        END {
+            if (rps == "") { rps = 0; p50 = -1; p99 = -1 }
+            printf "%s %s %s %d\n", rps, p50, p99, non2xx
+        }' "$1"
+}
 load_above() { awk -v l="$1" -v m="$2" 'BEGIN { exit !(l > m) }'; }
 
 # shellcheck disable=SC2034  # load_start and load_forced are read by the scripts that source this.

@@ -56,17 +56,7 @@ run() {
         "http://127.0.0.1:$port/classify" >"$work/wrk.txt" 2>&1 || true
     kill -TERM "$server"
     wait "$server" || true
-    awk -v mode="$mode" '
-        function ms(v) {
-            if (v ~ /us$/) return substr(v, 1, length(v) - 2) / 1000
-            if (v ~ /ms$/) return substr(v, 1, length(v) - 2) + 0
-            if (v ~ /s$/) return substr(v, 1, length(v) - 1) * 1000
-            return -1
-        }
-        /Requests\/sec:/ { rps = $2 }
-        $1 == "50%" { p50 = ms($2) }  $1 == "99%" { p99 = ms($2) }
-        /Non-2xx/ { bad = $NF }
-        END { printf "%s %s %s %s %d\n", mode, rps, p50, p99, bad }' "$work/wrk.txt" | tee -a "$work/runs"
+    echo "$mode $(wrk_summary "$work/wrk.txt")" | tee -a "$work/runs"
 }
 
 idle_gate

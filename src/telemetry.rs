@@ -8,8 +8,9 @@
 use std::time::Duration;
 
 use axum::http::HeaderMap;
-use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{TraceContextExt, TraceId, TracerProvider as _};
+use opentelemetry_http::HeaderExtractor;
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
@@ -146,24 +147,11 @@ impl Telemetry {
     }
 }
 
-/// Reads trace context from HTTP headers (gRPC metadata converts to them).
-struct Headers<'a>(&'a HeaderMap);
-
-impl Extractor for Headers<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(|k| k.as_str()).collect()
-    }
-}
-
 /// Joins `span` to the caller's trace from a W3C `traceparent` in `headers`, and records the
 /// trace id in its `trace_id` field (so that JSON logs lead to the trace): the exported trace's
 /// id when tracing is on, else the caller's, if it sent one.
 pub fn join_caller_trace(span: &tracing::Span, headers: &HeaderMap) {
-    let caller = TraceContextPropagator::new().extract(&Headers(headers));
+    let caller = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
     let caller_trace = caller.span().span_context().trace_id();
     if caller.span().span_context().is_valid() {
         let _ = span.set_parent(caller);

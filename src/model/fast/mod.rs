@@ -9,7 +9,8 @@
 //! - [`conv`], [`kernels`]: one direct convolution and its microkernels.
 //! - [`winograd`]: the Winograd convolutions (their products reuse the microkernels).
 //! - [`network`]: the layer plan and a micro-batch's walk through it.
-//! - [`parallel`], [`workspace`], [`buffers`]: threads and the memory they work in.
+//! - [`crew`], [`parallel`], [`workspace`], [`buffers`]: threads, how they share a pass, and the
+//!   memory they work in.
 
 //!
 //! Only [`FastResNet`] and its options are public: the layers, kernels and buffers below it
@@ -18,6 +19,7 @@
 
 mod buffers;
 mod conv;
+mod crew;
 mod kernels;
 mod network;
 mod parallel;
@@ -33,6 +35,7 @@ use std::sync::Mutex;
 
 use candle_core::Tensor;
 
+use self::crew::Crew;
 use self::network::Network;
 use self::parallel::{Alone, BreakOnPanic, Partition, SpinBarrier, Team, TeamChooser};
 pub use self::simd::{SimdLevel, UnsupportedSimd};
@@ -64,7 +67,7 @@ pub enum FastError {
     #[error("--threads {0}: the fast engine runs at most {MAX_THREADS} threads")]
     TooManyThreads(usize),
     #[error("starting the fast engine's threads: {0}")]
-    Threads(#[from] rayon::ThreadPoolBuildError),
+    Threads(#[from] std::io::Error),
 }
 
 /// Most threads the engine runs; each holds a micro-batch's buffers (about 5 MB).
@@ -134,9 +137,9 @@ pub struct FastResNet {
     threading: Threading,
     /// Owned, not locked: a forward pass takes `&mut self`.
     workspace: Workspace,
-    /// The `threads - 1` threads that work beside the caller's, started once: a pass wakes
-    /// them instead of starting threads. `None` with one thread.
-    helpers: Option<rayon::ThreadPool>,
+    /// The `threads - 1` threads that work beside the caller's, started once (none with one
+    /// thread).
+    crew: Crew,
 }
 
 impl FastResNet {
@@ -181,15 +184,7 @@ impl FastResNet {
             team: Buffers::new(net.planes()),
             chooser: TeamChooser::default(),
         };
-        let helpers = match threads {
-            1 => None,
-            n => Some(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(n - 1)
-                    .thread_name(|i| format!("fast-engine-{}", i + 1))
-                    .build()?,
-            ),
-        };
+        let crew = Crew::new(threads - 1)?;
         tracing::debug!(%simd, threads, winograd = options.winograd, "fast engine ready");
         Ok(Self {
             net,
@@ -197,7 +192,7 @@ impl FastResNet {
             threads,
             threading: options.threading,
             workspace,
-            helpers,
+            crew,
         })
     }
 
@@ -298,34 +293,27 @@ impl FastResNet {
         } else {
             whole.div_ceil(chunk).min(threads)
         };
-        let mut own = own.iter_mut().take(active);
-        let first = own.next();
-        match &self.helpers {
+        // Member `i` takes space `i`, if any: every thread of a team has one, and with whole
+        // images only the first `active` threads have work.
+        let spaces: Vec<Mutex<Option<&mut ThreadSpace>>> = own
+            .iter_mut()
+            .take(active)
+            .map(|space| Mutex::new(Some(space)))
+            .collect();
+        let job = |index: usize| {
+            let space = spaces
+                .get(index)
+                .and_then(|slot| slot.lock().unwrap_or_else(|p| p.into_inner()).take());
+            if let Some(space) = space {
+                work(index, space);
+            }
+        };
+        if active > 1 {
             // Team members wait for each other at barriers, so each needs a thread of its own
-            // at the same time: a broadcast gives every pool thread exactly one job (and wakes
-            // it), which a plain spawn does not promise. Helper `i` takes space `i`, if any.
-            Some(pool) if active > 1 => {
-                let spaces: Vec<Mutex<Option<&mut ThreadSpace>>> =
-                    own.map(|space| Mutex::new(Some(space))).collect();
-                pool.in_place_scope(|s| {
-                    s.spawn_broadcast(|_, helper| {
-                        let space = spaces
-                            .get(helper.index())
-                            .and_then(|slot| slot.lock().unwrap_or_else(|p| p.into_inner()).take());
-                        if let Some(space) = space {
-                            work(helper.index() + 1, space);
-                        }
-                    });
-                    if let Some(space) = first {
-                        work(0, space);
-                    }
-                });
-            }
-            _ => {
-                if let Some(space) = first {
-                    work(0, space);
-                }
-            }
+            // at the same time: the crew runs the job on every one of its threads at once.
+            self.crew.run(&job);
+        } else {
+            job(0);
         }
         if learn {
             chooser.record(whole < n, started.elapsed().as_secs_f64() / n as f64);

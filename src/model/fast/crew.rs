@@ -1,0 +1,304 @@
+//! The fast engine's helper threads: started once with the engine, handed the same job on every
+//! forward pass, and kept awake for a moment after each pass so that the next one finds them
+//! running instead of asleep.
+//!
+//! Why not rayon's pool: rayon's idle workers give up after a few dozen `yield`s (tens of
+//! microseconds) and sleep, so every pass of a server answering one client (a pass, then a few
+//! hundred microseconds of HTTP) starts by waking a sleeping thread whose core has gone idle;
+//! measured, that makes a batch-1 pass some 20% slower than back to back. Inference runtimes keep
+//! their helpers spinning for a while instead (OpenMP's `KMP_BLOCKTIME`, ONNX Runtime's spinning
+//! intra-op pool); this crew does the same for [`STAY_AWAKE`], yielding its core to any other
+//! runnable thread while it waits, then sleeps until the next pass.
+
+use std::any::Any;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long a helper (and the caller waiting for helpers) stays awake, polling, before it sleeps:
+/// longer than the gap between passes when a server answers one client after another (a few
+/// hundred microseconds), short enough that an idle server is idle within a millisecond.
+pub const STAY_AWAKE: Duration = Duration::from_millis(1);
+
+/// Polls between two looks at the clock (and two `yield`s) while staying awake.
+const POLLS_PER_YIELD: u32 = 64;
+
+/// What every thread of a pass runs, with its index (0 = the caller).
+pub type Job<'a> = dyn Fn(usize) + Sync + 'a;
+
+/// Threads that run a job beside the caller's, one call each per [`Crew::run`].
+#[derive(Debug)]
+pub struct Crew {
+    state: Arc<State>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Generation of the posted job: bumped (after `job` is set) to hand every helper the job,
+    /// and once more to stop them.
+    posted: AtomicU64,
+    /// Points at the caller's `&Job` while a job runs; see [`Crew::run`] for why it stays valid.
+    job: AtomicPtr<&'static Job<'static>>,
+    /// Helpers that have not finished the current job.
+    running: AtomicUsize,
+    stop: AtomicBool,
+    /// The first panic of a helper in the current job, resumed by the caller.
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
+    /// Helpers asleep (or about to be) on `wake`.
+    sleepers: AtomicUsize,
+    /// The caller sleeps (or is about to) on `done`.
+    caller_asleep: AtomicBool,
+    lock: Mutex<()>,
+    wake: Condvar,
+    done: Condvar,
+}
+
+impl State {
+    fn lock(&self) -> MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Polls `ready` for [`STAY_AWAKE`], yielding the core now and then; whether it became true.
+    fn poll_awake(ready: impl Fn() -> bool) -> bool {
+        let deadline = Instant::now() + STAY_AWAKE;
+        loop {
+            for _ in 0..POLLS_PER_YIELD {
+                if ready() {
+                    return true;
+                }
+                std::hint::spin_loop();
+            }
+            if Instant::now() >= deadline {
+                return ready();
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// A helper's wait for a generation after `seen`: awake for a while, then asleep.
+    fn next_job(&self, seen: u64) -> u64 {
+        let posted = || self.posted.load(Ordering::Acquire);
+        if Self::poll_awake(|| posted() != seen) {
+            return posted();
+        }
+        // SeqCst pairs with `post`: either we see its generation below, or it sees us here and
+        // wakes us (under the lock, so not before we wait).
+        self.sleepers.fetch_add(1, Ordering::SeqCst);
+        let mut guard = self.lock();
+        let generation = loop {
+            let generation = self.posted.load(Ordering::SeqCst);
+            if generation != seen {
+                break generation;
+            }
+            guard = self.wake.wait(guard).unwrap_or_else(|p| p.into_inner());
+        };
+        drop(guard);
+        self.sleepers.fetch_sub(1, Ordering::SeqCst);
+        generation
+    }
+
+    /// Publishes the next generation and wakes the helpers that sleep.
+    fn post(&self) {
+        self.posted.fetch_add(1, Ordering::SeqCst);
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
+            let _guard = self.lock();
+            self.wake.notify_all();
+        }
+    }
+
+    /// A helper is done with the current job; the last one wakes the caller if it sleeps.
+    fn finished(&self) {
+        // SeqCst pairs with `wait_for_helpers`, as in `next_job`/`post`.
+        if self.running.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.caller_asleep.load(Ordering::SeqCst)
+        {
+            let _guard = self.lock();
+            self.done.notify_one();
+        }
+    }
+
+    /// The caller's wait until every helper has finished the current job.
+    fn wait_for_helpers(&self) {
+        if Self::poll_awake(|| self.running.load(Ordering::Acquire) == 0) {
+            return;
+        }
+        self.caller_asleep.store(true, Ordering::SeqCst);
+        let mut guard = self.lock();
+        while self.running.load(Ordering::SeqCst) > 0 {
+            guard = self.done.wait(guard).unwrap_or_else(|p| p.into_inner());
+        }
+        drop(guard);
+        self.caller_asleep.store(false, Ordering::Relaxed);
+    }
+}
+
+impl Crew {
+    /// Starts `helpers` threads named `fast-engine-1` onwards.
+    pub fn new(helpers: usize) -> std::io::Result<Self> {
+        let state = Arc::new(State {
+            posted: AtomicU64::new(0),
+            job: AtomicPtr::new(std::ptr::null_mut()),
+            running: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            panic: Mutex::new(None),
+            sleepers: AtomicUsize::new(0),
+            caller_asleep: AtomicBool::new(false),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
+            done: Condvar::new(),
+        });
+        let mut crew = Self {
+            state,
+            threads: Vec::with_capacity(helpers),
+        };
+        for index in 1..=helpers {
+            let state = Arc::clone(&crew.state);
+            // On error `crew` is dropped, which stops the helpers already started.
+            crew.threads.push(
+                std::thread::Builder::new()
+                    .name(format!("fast-engine-{index}"))
+                    .spawn(move || helper(&state, index))?,
+            );
+        }
+        Ok(crew)
+    }
+
+    /// Runs `job(0)` on this thread and `job(i)` on helper `i` (1..=helpers) at the same time,
+    /// returning when every call has returned. A panic in any call is resumed here, after all of
+    /// them have returned.
+    pub fn run(&mut self, job: &Job<'_>) {
+        let state = &*self.state;
+        let erased: *const &Job<'_> = &job;
+        // The helpers read `job` through this pointer only between seeing the generation posted
+        // below and their `finished()`, and this function returns (or unwinds) only after every
+        // helper's `finished()`: the borrow outlives every use. `&mut self` rules out a second
+        // job meanwhile.
+        state.job.store(erased.cast_mut().cast(), Ordering::Release);
+        state.running.store(self.threads.len(), Ordering::Relaxed);
+        state.post();
+        let mine = catch_unwind(AssertUnwindSafe(|| job(0)));
+        state.wait_for_helpers();
+        state.job.store(std::ptr::null_mut(), Ordering::Relaxed);
+        let theirs = state.panic.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Err(panic) = mine {
+            resume_unwind(panic);
+        }
+        if let Some(panic) = theirs {
+            resume_unwind(panic);
+        }
+    }
+}
+
+/// A helper thread's life: each posted job once, until the crew stops.
+fn helper(state: &State, index: usize) {
+    let mut seen = 0;
+    loop {
+        seen = state.next_job(seen);
+        if state.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let job = state.job.load(Ordering::Acquire).cast_const();
+        // SAFETY: a new generation was posted by `Crew::run` after it stored a pointer to its
+        // `&Job`, which stays valid until this helper's `finished()` below (see `Crew::run`).
+        let job: &Job<'_> = unsafe { *job };
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| job(index))) {
+            state
+                .panic
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert(panic);
+        }
+        state.finished();
+    }
+}
+
+impl Drop for Crew {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::Release);
+        self.state.post();
+        for thread in self.threads.drain(..) {
+            // A helper never unwinds (its jobs' panics are caught), so `join` cannot fail.
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_thread_runs_each_job_once_at_the_same_time() {
+        let mut crew = Crew::new(3).unwrap();
+        let barrier = std::sync::Barrier::new(4);
+        for round in 0..50 {
+            let calls: Vec<AtomicUsize> = (0..4).map(|_| AtomicUsize::new(0)).collect();
+            // The barrier passes only if all four calls are running together.
+            crew.run(&|index| {
+                calls[index].fetch_add(1, Ordering::Relaxed);
+                barrier.wait();
+            });
+            let counts: Vec<usize> = calls.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+            assert_eq!(counts, [1, 1, 1, 1], "round {round}");
+            if round % 10 == 0 {
+                // Long enough for the helpers to fall asleep: the next job must wake them.
+                std::thread::sleep(STAY_AWAKE * 3);
+            }
+        }
+    }
+
+    #[test]
+    fn a_helpers_panic_reaches_the_caller_after_everyone_finished() {
+        let mut crew = Crew::new(2).unwrap();
+        let finished = AtomicUsize::new(0);
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            crew.run(&|index| {
+                if index == 2 {
+                    panic!("helper 2 fails");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+                finished.fetch_add(1, Ordering::SeqCst);
+            })
+        }));
+        let panic = result.expect_err("the helper's panic is resumed");
+        assert_eq!(panic.downcast_ref::<&str>(), Some(&"helper 2 fails"));
+        assert_eq!(
+            finished.load(Ordering::SeqCst),
+            2,
+            "the others ran to the end"
+        );
+        // The crew still works.
+        let calls = AtomicUsize::new(0);
+        crew.run(&|_| {
+            calls.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn the_callers_panic_waits_for_the_helpers() {
+        let mut crew = Crew::new(1).unwrap();
+        let helper_done = AtomicBool::new(false);
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            crew.run(&|index| {
+                if index == 0 {
+                    panic!("caller fails");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+                helper_done.store(true, Ordering::SeqCst);
+            })
+        }));
+        assert!(result.is_err());
+        assert!(helper_done.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn dropping_the_crew_stops_its_threads() {
+        let crew = Crew::new(2).unwrap();
+        std::thread::sleep(STAY_AWAKE * 3);
+        drop(crew); // joins both helpers: the test would hang otherwise
+    }
+}

@@ -1,6 +1,6 @@
 //! Dynamic batching: requests enter a bounded queue (a semaphore of image slots, an mpsc of
-//! entries), a collector task groups them by [`BatchPolicy`], one model thread that owns the
-//! model runs each batch, and every request is answered through its own oneshot channel.
+//! entries); one model thread that owns the model takes batches off it by [`BatchPolicy`] and
+//! runs them, and every request is answered through its own oneshot channel.
 
 mod policy;
 mod worker;
@@ -119,9 +119,9 @@ impl Queued for Entry {
 }
 
 impl Batcher {
-    /// Starts the collector task (on the current tokio runtime) and the model thread, which
-    /// first runs a warm-up forward pass, marks `readiness` ready and reports through the
-    /// returned receiver.
+    /// Starts the model thread, which first runs a warm-up forward pass, marks `readiness` ready
+    /// and reports through the returned receiver, then serves the queue. Call it inside a tokio
+    /// runtime: its timer drives the optional batching delay.
     pub fn start<M: Engine>(
         model: M,
         config: BatcherConfig,
@@ -131,39 +131,30 @@ impl Batcher {
         let capacity = config.queue_capacity.max(1);
         // Every entry holds at least one slot, so the channel never fills before the slots do.
         let (queue_tx, queue_rx) = mpsc::channel(capacity);
-        let (jobs_tx, jobs_rx) = std::sync::mpsc::channel();
         let (warm_tx, warm_rx) = oneshot::channel();
+        let collector = Collector::new(queue_rx, config.policy);
+        let runtime = tokio::runtime::Handle::current();
         let thread_metrics = metrics.clone();
         let model_thread = std::thread::Builder::new()
             .name("model-worker".into())
             .spawn(move || {
                 worker::run(
                     model,
-                    jobs_rx,
+                    collector,
+                    runtime,
                     config.num_classes,
                     thread_metrics,
                     readiness,
                     warm_tx,
                 )
             })?;
-        let collector = tokio::spawn(worker::collect(
-            Collector::new(queue_rx, config.policy),
-            jobs_tx,
-        ));
         let batcher = Self {
             queue: queue_tx,
             slots: Arc::new(Semaphore::new(capacity)),
             capacity,
             queue_depth: metrics.queue_depth,
         };
-        Ok((
-            batcher,
-            BatcherTask {
-                collector,
-                model_thread,
-            },
-            warm_rx,
-        ))
+        Ok((batcher, BatcherTask { model_thread }, warm_rx))
     }
 
     /// Reserves queue slots for `images` images, or fails at once when the queue is full.
@@ -213,10 +204,9 @@ impl Batcher {
     }
 }
 
-/// The running collector task and model thread.
+/// The running model thread.
 #[derive(Debug)]
 pub struct BatcherTask {
-    collector: tokio::task::JoinHandle<()>,
     model_thread: std::thread::JoinHandle<()>,
 }
 
@@ -224,9 +214,6 @@ impl BatcherTask {
     /// Waits until everything queued has been answered and the model thread has exited; call
     /// it after every [`Batcher`] clone is dropped.
     pub async fn finish(self) {
-        if let Err(e) = self.collector.await {
-            tracing::error!(error = %e, "the batch collector failed");
-        }
         let thread = self.model_thread;
         match tokio::task::spawn_blocking(move || thread.join()).await {
             Ok(Ok(())) => {}

@@ -1,11 +1,11 @@
-//! The model thread: warm-up, then one forward pass per batch, answering every entry; and the
-//! collector task that hands it batches only when it is idle, so batches grow under load.
+//! The model thread: warm-up, then, for as long as the queue is open, the next batch straight
+//! off the queue (whatever arrived while the previous one ran) and one forward pass for it,
+//! answering every entry.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::mpsc::{Receiver, Sender};
-use std::sync::Arc;
 
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::{BatchError, Collector, Entry, Queued};
@@ -14,39 +14,15 @@ use crate::model::engine::{check_output, Engine};
 use crate::model::IMAGE_FLOATS;
 use crate::shutdown::Readiness;
 
-/// A batch for the model thread; `_idle` is released when it is done.
-pub(super) struct Job {
-    entries: Vec<Entry>,
-    _idle: OwnedSemaphorePermit,
-}
-
-/// Collects batches while the model is idle and hands them over, until the queue closes.
-pub(super) async fn collect(mut collector: Collector<Entry>, jobs: Sender<Job>) {
-    let model_idle = Arc::new(Semaphore::new(1));
-    loop {
-        let Ok(idle) = model_idle.clone().acquire_owned().await else {
-            break;
-        };
-        let Some(entries) = collector.next_batch().await else {
-            break;
-        };
-        if jobs
-            .send(Job {
-                entries,
-                _idle: idle,
-            })
-            .is_err()
-        {
-            tracing::error!("the model thread has stopped; no more batches run");
-            break;
-        }
-    }
-}
-
-/// The model thread's body: owns the model until the job channel closes.
+/// The model thread's body: owns the model until the queue closes and is empty.
+///
+/// The thread collects its own batches (on `runtime`, which drives the optional batching delay's
+/// timer) instead of being handed them by a task: a finished pass starts the next one at once,
+/// without waiting for a runtime worker that is busy answering the previous batch's requests.
 pub(super) fn run<M: Engine>(
     mut model: M,
-    jobs: Receiver<Job>,
+    mut collector: Collector<Entry>,
+    runtime: Handle,
     classes: usize,
     metrics: BatchMetrics,
     readiness: Readiness,
@@ -68,17 +44,17 @@ pub(super) fn run<M: Engine>(
             return;
         }
     }
-    while let Ok(job) = jobs.recv() {
-        run_batch(&mut model, job, classes, &metrics);
+    while let Some(entries) = runtime.block_on(collector.next_batch()) {
+        run_batch(&mut model, entries, classes, &metrics);
     }
     tracing::debug!("queue closed; model thread exits");
 }
 
-fn run_batch<M: Engine>(model: &mut M, job: Job, classes: usize, metrics: &BatchMetrics) {
+fn run_batch<M: Engine>(model: &mut M, batch: Vec<Entry>, classes: usize, metrics: &BatchMetrics) {
     let now = Instant::now();
-    let mut entries = Vec::with_capacity(job.entries.len());
+    let mut entries = Vec::with_capacity(batch.len());
     let mut pixels = Vec::new();
-    for entry in job.entries {
+    for entry in batch {
         // The batch may have waited for the model: drop what went stale meanwhile.
         let Some(mut entry) = entry.still_wanted(now) else {
             continue;

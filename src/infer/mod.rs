@@ -22,6 +22,7 @@ use crate::metrics::PredictionMetrics;
 use crate::model::IMAGE_FLOATS;
 use crate::preprocess::{format_name, preprocess_with, DecodeOptions};
 use crate::shutdown::{Phase, Readiness};
+use decode::decode_inline;
 pub use decode::{declared_pixels, decode_permits, decode_slots, permits_for};
 pub use error::InferError;
 pub use info::ModelInfo;
@@ -264,8 +265,8 @@ impl Inference {
         Ok(logits)
     }
 
-    /// Decodes and normalises `images` on the blocking pool, holding decode slots weighed by
-    /// their declared pixels.
+    /// Decodes and normalises `images` holding decode slots weighed by their declared pixels:
+    /// small ones ([`decode_inline`]) right here, the others on the blocking pool.
     async fn decode(&self, images: Vec<Bytes>) -> Result<Vec<f32>, InferError> {
         let n = images.len();
         // Each header is read once: for the input metrics and for the decode slots.
@@ -273,6 +274,7 @@ impl Inference {
         for (bytes, &pixels) in images.iter().zip(&declared) {
             self.predictions.record_input(format_name(bytes), pixels);
         }
+        let inline = decode_inline(&declared, self.limits.max_image_pixels);
         let permits = permits_for(declared, self.limits.max_image_pixels);
         let slot = self
             .decode_slots
@@ -285,8 +287,8 @@ impl Inference {
             max_pixels: self.limits.max_image_pixels,
             load_truncated: self.limits.load_truncated_images,
         };
-        let span = tracing::info_span!("decode", images = n);
-        tokio::task::spawn_blocking(move || {
+        let span = tracing::info_span!("decode", images = n, inline);
+        let decode_all = move || {
             let _in_span = span.enter();
             let _slot = slot;
             let mut pixels = Vec::with_capacity(n * IMAGE_FLOATS);
@@ -300,8 +302,18 @@ impl Inference {
                 pixels.extend_from_slice(&image);
             }
             Ok(pixels)
-        })
-        .await
-        .map_err(|e| InferError::Internal(format!("image decoding failed: {e}")))?
+        };
+        let failed = |cause: &dyn std::fmt::Display| {
+            InferError::Internal(format!("image decoding failed: {cause}"))
+        };
+        if inline {
+            // A decoder bug costs this request a 500, as on the pool, not the connection.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode_all))
+                .map_err(|_| failed(&"the decoder panicked"))?
+        } else {
+            tokio::task::spawn_blocking(decode_all)
+                .await
+                .map_err(|e| failed(&e))?
+        }
     }
 }

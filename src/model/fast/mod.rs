@@ -230,8 +230,12 @@ impl FastResNet {
             Threading::Layers => (0, false),
         };
         let started = std::time::Instant::now();
-        // Micro-batches small enough that every thread gets work.
-        let chunk = (whole / threads).clamp(1, MICRO_BATCH);
+        // The whole images in `chunks` micro-batches of at most MICRO_BATCH, as even as can be
+        // and as many for every thread: with a fixed size of 8, a batch of 40 gave one thread
+        // 24 images and the other 16. Threads still claim them one by one, so one that is held
+        // up (preempted, on a busy server) leaves its share to the others.
+        let rounds = whole.div_ceil(threads * MICRO_BATCH).max(1);
+        let chunks = (threads * rounds).min(whole);
         let next = AtomicUsize::new(0);
         let results = Mutex::new(&mut *logits);
         let team = team.share();
@@ -245,11 +249,11 @@ impl FastResNet {
             let own: Vec<_> = bufs.iter_mut().map(Buffers::share).collect();
             let mut out = vec![0.0f32; MICRO_BATCH * classes];
             loop {
-                let start = next.fetch_add(chunk, Ordering::Relaxed);
-                if start >= whole {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= chunks {
                     break;
                 }
-                let end = (start + chunk).min(whole);
+                let (start, end) = (k * whole / chunks, (k + 1) * whole / chunks);
                 let out = &mut out[..(end - start) * classes];
                 // SAFETY: `own` views this thread's own buffers (`space`, borrowed exclusively
                 // by this closure call), which no other thread sees.
@@ -291,7 +295,7 @@ impl FastResNet {
         let active = if whole < n {
             threads
         } else {
-            whole.div_ceil(chunk).min(threads)
+            chunks.min(threads)
         };
         // Member `i` takes space `i`, if any: every thread of a team has one, and with whole
         // images only the first `active` threads have work.

@@ -26,16 +26,9 @@ fn serve_logs_json_answers_and_exits_0_on_sigterm() {
     let Some(weights) = common::shared_file("models/resnet56-seed-random.safetensors") else {
         return;
     };
-    let mut child = resnet_serve()
-        .args([
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--log-format",
-            "json",
-            "--weights",
-        ])
+    let mut child = common::JsonLogServer::command()
+        .env("RUST_LOG", "info")
+        .arg("--weights")
         .arg(&weights)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())

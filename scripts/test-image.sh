@@ -13,8 +13,10 @@
 # Rust toolchain (which must be the version the Dockerfile names). This machine's extra CA
 # certificates (/usr/local/share/ca-certificates) are copied into both, so HTTPS from a RUN step
 # (cargo fetching crates) trusts what the host trusts. The debootstrap root filesystem is cached
-# in RESNET_CACHE_DIR (default ~/.cache/resnet-serve), and the images stay in buildah's storage,
-# so a second run only rebuilds what changed.
+# in RESNET_CACHE_DIR (default ~/.cache/resnet-serve), and the base images stay in buildah's
+# storage. What a run adds to that storage (the tested image, every intermediate image of both
+# stages) is removed when it ends, pass or fail, unless KEEP_IMAGE=1: the vfs driver copies every
+# layer in full, about 1.5 GB per build-stage step, so images left by each run fill the disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p target
@@ -118,10 +120,31 @@ make_rust() {
 have_image "$SLIM" || make_slim
 have_image "$RUST" || make_rust
 
+# A build holds about 7 GB at its peak under vfs (the build stage's layers, each a full copy).
+storage_root=$("${BUILDAH[@]}" info --format '{{.store.GraphRoot}}' 2>/dev/null || echo /var/lib/containers/storage)
+free_gb=$(df -P -BG "$storage_root" 2>/dev/null | awk 'NR == 2 {sub("G", "", $4); print $4}')
+[[ -z $free_gb || $free_gb -ge 8 ]] \
+  || die "only ${free_gb} GB free under $storage_root; the image build needs about 8 GB"
+
+# Everything the build adds, intermediate images included, goes when the script ends. Removing an
+# image also removes the untagged images under it, so the layers cached by an earlier run go too
+# and each run builds both stages afresh; the tagged base images stay.
+images_before=$("${BUILDAH[@]}" images --all --quiet --no-trunc | sort -u)
+remove_added_images() {
+  [[ ${KEEP_IMAGE:-0} == 1 ]] && return 0
+  local added id
+  added=$(comm -13 <(printf '%s\n' "$images_before") \
+    <("${BUILDAH[@]}" images --all --quiet --no-trunc | sort -u))
+  for id in $added; do
+    "${BUILDAH[@]}" rmi --force "$id" >/dev/null 2>&1 || true
+  done
+}
+trap remove_added_images EXIT
+
 log "building $IMAGE from Dockerfile"
 start=$SECONDS
 # Docker's image format: OCI has no HEALTHCHECK, and the image must keep it.
-"${BUILDAH[@]}" bud --isolation chroot --pull=never --layers --format docker -f Dockerfile -t "$IMAGE" . \
+"${BUILDAH[@]}" bud --isolation chroot --pull=never --layers --force-rm --format docker -f Dockerfile -t "$IMAGE" . \
   >"${BUILD_LOG:-target/test-image-build.log}" 2>&1 \
   || { tail -40 "${BUILD_LOG:-target/test-image-build.log}" >&2; die "image build failed"; }
 log "built in $((SECONDS - start)) s"
@@ -147,6 +170,7 @@ SERVER_PID=
 cleanup() {
   [[ -n $SERVER_PID ]] && kill "$SERVER_PID" 2>/dev/null || true
   "${BUILDAH[@]}" rm "$CTR" >/dev/null 2>&1 || true
+  remove_added_images
 }
 trap cleanup EXIT
 

@@ -1,5 +1,8 @@
 //! The fast engine's helper threads: started once with the engine and handed the same job on
-//! every forward pass; between passes they sleep.
+//! every forward pass; between passes they sleep. A helper that has not started a pass's job by
+//! the time the caller has finished its own call skips it: the engine's work is claimed, not
+//! assigned, so the caller will have done that helper's share, and waiting for a helper that is
+//! slow to wake (or preempted) would only add its delay to the pass.
 //!
 //! Why not rayon's pool, which did this before: a pass through it allocates a scope and a
 //! broadcast job per thread, and its idle workers go through a few dozen `sched_yield`s before
@@ -20,10 +23,15 @@ use std::thread::JoinHandle;
 /// that held up, and on a server with a CPU quota it spends the quota while idle.
 const POLLS_BEFORE_SLEEP: u32 = 64;
 
-/// What every thread of a pass runs, with its index (0 = the caller).
+/// Bits of [`State::posted`] that count the seats left (more than [`super::MAX_THREADS`]).
+const SEAT_BITS: u32 = 16;
+const SEATS: u64 = (1 << SEAT_BITS) - 1;
+const _: () = assert!(super::MAX_THREADS as u64 <= SEATS);
+
+/// What the threads of a pass run, with their index (0 = the caller).
 pub type Job<'a> = dyn Fn(usize) + Sync + 'a;
 
-/// Threads that run a job beside the caller's, one call each per [`Crew::run`].
+/// Threads that run a job beside the caller's, at most one call each per [`Crew::run`].
 #[derive(Debug)]
 pub struct Crew {
     state: Arc<State>,
@@ -32,12 +40,14 @@ pub struct Crew {
 
 #[derive(Debug)]
 struct State {
-    /// Generation of the posted job: bumped (after `job` is set) to hand every helper the job,
-    /// and once more to stop them.
+    /// Generation of the posted job (bumped after `job` is set, to hand the helpers the job,
+    /// and once more to stop them) in the high bits, above the number of helpers that may still
+    /// start it ([`SEAT_BITS`] bits): each helper takes a seat before it starts the job, and
+    /// the caller takes the seats left when its own call returns.
     posted: AtomicU64,
     /// Points at the caller's `&Job` while a job runs; see [`Crew::run`] for why it stays valid.
     job: AtomicPtr<&'static Job<'static>>,
-    /// Helpers that have not finished the current job.
+    /// Helpers that have not finished the current job, less those that will not start it.
     running: AtomicUsize,
     stop: AtomicBool,
     /// The first panic of a helper in the current job, resumed by the caller.
@@ -69,7 +79,7 @@ impl State {
 
     /// A helper's wait for a generation after `seen`: a few polls, then asleep.
     fn next_job(&self, seen: u64) -> u64 {
-        let posted = || self.posted.load(Ordering::Acquire);
+        let posted = || self.posted.load(Ordering::Acquire) >> SEAT_BITS;
         if Self::poll_briefly(|| posted() != seen) {
             return posted();
         }
@@ -78,7 +88,7 @@ impl State {
         self.sleepers.fetch_add(1, Ordering::SeqCst);
         let mut guard = self.lock();
         let generation = loop {
-            let generation = self.posted.load(Ordering::SeqCst);
+            let generation = self.posted.load(Ordering::SeqCst) >> SEAT_BITS;
             if generation != seen {
                 break generation;
             }
@@ -89,13 +99,42 @@ impl State {
         generation
     }
 
-    /// Publishes the next generation and wakes the helpers that sleep.
-    fn post(&self) {
-        self.posted.fetch_add(1, Ordering::SeqCst);
+    /// Publishes the next generation with `seats` helpers allowed to start it, and wakes the
+    /// helpers that sleep. Only the caller posts, and only when no seat is left.
+    fn post(&self, seats: usize) {
+        let generation = (self.posted.load(Ordering::Relaxed) >> SEAT_BITS) + 1;
+        self.posted
+            .store((generation << SEAT_BITS) | seats as u64, Ordering::SeqCst);
         if self.sleepers.load(Ordering::SeqCst) > 0 {
             let _guard = self.lock();
             self.wake.notify_all();
         }
+    }
+
+    /// A helper's seat for the job of `generation`: false when that job is no longer open
+    /// (the caller finished it, or posted the next one).
+    fn take_seat(&self, generation: u64) -> bool {
+        let mut current = self.posted.load(Ordering::Acquire);
+        while current >> SEAT_BITS == generation && current & SEATS > 0 {
+            // Acquire: the job pointer stored before the post is visible after the seat.
+            match self.posted.compare_exchange_weak(
+                current,
+                current - 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(now) => current = now,
+            }
+        }
+        false
+    }
+
+    /// Takes the seats left: the helpers that have not started the job will not.
+    fn close(&self) {
+        let left = self.posted.fetch_and(!SEATS, Ordering::AcqRel) & SEATS;
+        // Those helpers will never call `finished`.
+        self.running.fetch_sub(left as usize, Ordering::SeqCst);
     }
 
     /// A helper is done with the current job; the last one wakes the caller if it sleeps.
@@ -155,20 +194,23 @@ impl Crew {
         Ok(crew)
     }
 
-    /// Runs `job(0)` on this thread and `job(i)` on helper `i` (1..=helpers) at the same time,
-    /// returning when every call has returned. A panic in any call is resumed here, after all of
-    /// them have returned.
+    /// Runs `job(0)` on this thread and `job(i)` on each helper `i` (1..=helpers) that starts
+    /// before `job(0)` returns, at the same time. A helper that has not started by then skips
+    /// this job, so the caller's call must be able to do all the work alone. Returns when every
+    /// call has returned; a panic in any call is resumed here, after all of them have returned.
     pub fn run(&mut self, job: &Job<'_>) {
         let state = &*self.state;
         let erased: *const &Job<'_> = &job;
-        // The helpers read `job` through this pointer only between seeing the generation posted
-        // below and their `finished()`, and this function returns (or unwinds) only after every
-        // helper's `finished()`: the borrow outlives every use. `&mut self` rules out a second
-        // job meanwhile.
+        // The helpers read `job` through this pointer only between taking a seat for the
+        // generation posted below and their `finished()`, and this function returns (or
+        // unwinds) only after `close()` (no seat is taken after it) and every seated helper's
+        // `finished()`: the borrow outlives every use. `&mut self` rules out a second job
+        // meanwhile.
         state.job.store(erased.cast_mut().cast(), Ordering::Release);
         state.running.store(self.threads.len(), Ordering::Relaxed);
-        state.post();
+        state.post(self.threads.len());
         let mine = catch_unwind(AssertUnwindSafe(|| job(0)));
+        state.close();
         state.wait_for_helpers();
         state.job.store(std::ptr::null_mut(), Ordering::Relaxed);
         let theirs = state.panic.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -181,7 +223,7 @@ impl Crew {
     }
 }
 
-/// A helper thread's life: each posted job once, until the crew stops.
+/// A helper thread's life: each posted job at most once, until the crew stops.
 fn helper(state: &State, index: usize) {
     let mut seen = 0;
     loop {
@@ -189,9 +231,14 @@ fn helper(state: &State, index: usize) {
         if state.stop.load(Ordering::Acquire) {
             return;
         }
+        if !state.take_seat(seen) {
+            // The caller finished this job without us.
+            continue;
+        }
         let job = state.job.load(Ordering::Acquire).cast_const();
-        // SAFETY: a new generation was posted by `Crew::run` after it stored a pointer to its
-        // `&Job`, which stays valid until this helper's `finished()` below (see `Crew::run`).
+        // SAFETY: we hold a seat of the generation `Crew::run` posted after it stored a pointer
+        // to its `&Job`, which stays valid until this helper's `finished()` below (see
+        // `Crew::run`).
         let job: &Job<'_> = unsafe { *job };
         if let Err(panic) = catch_unwind(AssertUnwindSafe(|| job(index))) {
             state
@@ -207,7 +254,7 @@ fn helper(state: &State, index: usize) {
 impl Drop for Crew {
     fn drop(&mut self) {
         self.state.stop.store(true, Ordering::Release);
-        self.state.post();
+        self.state.post(0);
         for thread in self.threads.drain(..) {
             // A helper never unwinds (its jobs' panics are caught), so `join` cannot fail.
             let _ = thread.join();
@@ -222,7 +269,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_thread_runs_each_job_once_at_the_same_time() {
+    fn every_thread_runs_a_job_that_waits_for_all_of_them_once_at_the_same_time() {
         let mut crew = Crew::new(3).unwrap();
         let barrier = std::sync::Barrier::new(4);
         for round in 0..50 {
@@ -244,9 +291,11 @@ mod tests {
     #[test]
     fn a_helpers_panic_reaches_the_caller_after_everyone_finished() {
         let mut crew = Crew::new(2).unwrap();
+        let all_started = std::sync::Barrier::new(3);
         let finished = AtomicUsize::new(0);
         let result = catch_unwind(AssertUnwindSafe(|| {
             crew.run(&|index| {
+                all_started.wait();
                 if index == 2 {
                     panic!("helper 2 fails");
                 }
@@ -264,6 +313,7 @@ mod tests {
         // The crew still works.
         let calls = AtomicUsize::new(0);
         crew.run(&|_| {
+            all_started.wait();
             calls.fetch_add(1, Ordering::SeqCst);
         });
         assert_eq!(calls.load(Ordering::SeqCst), 3);
@@ -272,18 +322,51 @@ mod tests {
     #[test]
     fn the_callers_panic_waits_for_the_helpers() {
         let mut crew = Crew::new(1).unwrap();
+        let helper_started = AtomicBool::new(false);
         let helper_done = AtomicBool::new(false);
         let result = catch_unwind(AssertUnwindSafe(|| {
             crew.run(&|index| {
                 if index == 0 {
+                    while !helper_started.load(Ordering::SeqCst) {
+                        std::thread::yield_now();
+                    }
                     panic!("caller fails");
                 }
+                helper_started.store(true, Ordering::SeqCst);
                 std::thread::sleep(Duration::from_millis(20));
                 helper_done.store(true, Ordering::SeqCst);
             })
         }));
         assert!(result.is_err());
         assert!(helper_done.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn helpers_that_have_not_started_when_the_caller_is_done_skip_the_job() {
+        let mut crew = Crew::new(3).unwrap();
+        let mut skipped = 0;
+        for round in 0..200 {
+            let calls: Vec<AtomicUsize> = (0..4).map(|_| AtomicUsize::new(0)).collect();
+            // The caller returns at once: helpers join only if they are quick.
+            crew.run(&|index| {
+                calls[index].fetch_add(1, Ordering::SeqCst);
+            });
+            let after_run: Vec<usize> = calls.iter().map(|c| c.load(Ordering::SeqCst)).collect();
+            assert_eq!(after_run[0], 1, "round {round}: the caller's call");
+            assert!(
+                after_run.iter().all(|&c| c <= 1),
+                "round {round}: {after_run:?}"
+            );
+            skipped += after_run.iter().filter(|&&c| c == 0).count();
+            if round % 50 == 0 {
+                // No helper starts this job after `run` returned.
+                std::thread::sleep(Duration::from_millis(5));
+                let later: Vec<usize> = calls.iter().map(|c| c.load(Ordering::SeqCst)).collect();
+                assert_eq!(later, after_run, "round {round}");
+            }
+        }
+        // Helpers asleep after the 5 ms pauses cannot have made it every time.
+        assert!(skipped > 0, "no helper was ever skipped");
     }
 
     #[test]

@@ -37,7 +37,7 @@ use candle_core::Tensor;
 
 use self::crew::Crew;
 use self::network::Network;
-use self::parallel::{Alone, BreakOnPanic, Partition, SpinBarrier, Team, TeamChooser};
+use self::parallel::{Alone, BreakOnPanic, Member, TeamChooser, TeamWork};
 pub use self::simd::{SimdLevel, UnsupportedSimd};
 use self::winograd::Scratch;
 use self::workspace::Buffers;
@@ -238,10 +238,15 @@ impl FastResNet {
         let chunks = (threads * rounds).min(whole);
         let next = AtomicUsize::new(0);
         let results = Mutex::new(&mut *logits);
+        // Logits of images `first..` (whichever thread computed their heads).
+        let deliver = |first: usize, computed: &[f32]| {
+            let mut results = results.lock().unwrap_or_else(|p| p.into_inner());
+            results[first * classes..first * classes + computed.len()].copy_from_slice(computed);
+        };
         let team = team.share();
-        let barrier = SpinBarrier::new(threads);
-        let work = |index: usize, space: &mut ThreadSpace| {
-            let _release_team = BreakOnPanic(&barrier);
+        let team_work = TeamWork::new(threads);
+        let work = |space: &mut ThreadSpace| {
+            let _release_team = BreakOnPanic(&team_work);
             let ThreadSpace {
                 images: bufs,
                 scratch,
@@ -263,32 +268,26 @@ impl FastResNet {
                         &own[..end - start],
                         &Alone,
                         scratch,
-                        Some(out),
+                        out,
+                        |done, logits| deliver(start + done.start, logits),
                     )
                 };
-                let mut results = results.lock().unwrap_or_else(|p| p.into_inner());
-                results[start * classes..end * classes].copy_from_slice(out);
             }
-            // SAFETY: each thread started below gets its own `index`; when there are team
-            // images (`whole < n`) all `threads` of them start, which the barrier counts.
-            let part = unsafe { Team::new(index, &barrier) };
+            // Every member goes through the same images, so the same layers.
+            let part = Member::new(&team_work);
             for i in whole..n {
-                let out = &mut out[..classes];
-                // SAFETY: the team buffers are used only by the `threads` members of this team,
-                // each running this same loop over the same images with its own index.
+                // SAFETY: the team buffers are used only by the members of this team, each
+                // running this same loop over the same images with its own `Member`.
                 unsafe {
                     net.run_batch(
                         &images[i * image_len..(i + 1) * image_len],
                         std::slice::from_ref(&team),
                         &part,
                         scratch,
-                        Some(out),
+                        &mut out[..classes],
+                        |_, logits| deliver(i, logits),
                     )
                 };
-                if part.is_leader() {
-                    let mut results = results.lock().unwrap_or_else(|p| p.into_inner());
-                    results[i * classes..(i + 1) * classes].copy_from_slice(out);
-                }
             }
         };
         // Threads with something to do: all of them when a team runs, else one per micro-batch.
@@ -309,12 +308,13 @@ impl FastResNet {
                 .get(index)
                 .and_then(|slot| slot.lock().unwrap_or_else(|p| p.into_inner()).take());
             if let Some(space) = space {
-                work(index, space);
+                work(space);
             }
         };
         if active > 1 {
-            // Team members wait for each other at barriers, so each needs a thread of its own
-            // at the same time: the crew runs the job on every one of its threads at once.
+            // Micro-batches and a team's rows are claimed, never assigned, so the caller does
+            // not wait for a helper that has not started by the time the work is done: the crew
+            // skips it.
             self.crew.run(&job);
         } else {
             job(0);

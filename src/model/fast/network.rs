@@ -3,6 +3,7 @@
 //! layer by layer.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use candle_core::{DType, Tensor};
 
@@ -264,8 +265,9 @@ impl Network {
     /// One direct convolution of every image of the micro-batch, over this thread's rows.
     ///
     /// # Safety
-    /// Between two `sync`s of the partition, no thread writes `io.src` or `io.residual`, and the threads
-    /// write disjoint rows of `io.dst` (what `Partition::rows` hands out), which nobody reads.
+    /// Between two `sync`s of the partition, no thread writes `io.src` or `io.residual`, and the
+    /// threads write disjoint rows of `io.dst` (what `Partition::share` hands out), which nobody
+    /// reads.
     unsafe fn conv(
         &self,
         layer: &ConvLayer,
@@ -275,32 +277,33 @@ impl Network {
         relu: bool,
     ) {
         let (src_plane, dst_plane) = (self.planes[io.src], self.planes[io.dst]);
-        let rows = part.rows(dst_plane.h);
-        let band = dst_plane.rows(&rows);
-        for bufs in batch {
-            // SAFETY: nobody writes `src` or the residual in this phase, and these rows of `dst`
-            // are this thread's alone (the function contract).
-            let (image, output, residual) = unsafe {
-                (
-                    bufs.read(io.src),
-                    bufs.write(io.dst, band.clone()),
-                    io.residual.map(|id| &bufs.read(id)[band.clone()]),
-                )
-            };
-            layer.run(
-                LayerInput {
-                    image,
-                    plane: src_plane,
-                },
-                LayerOutput {
-                    band: output,
-                    plane: dst_plane,
-                    rows: rows.clone(),
-                    residual,
-                    relu,
-                },
-            );
-        }
+        part.share(dst_plane.h, |rows| {
+            let band = dst_plane.rows(&rows);
+            for bufs in batch {
+                // SAFETY: nobody writes `src` or the residual in this phase, and these rows of
+                // `dst` are this thread's alone (the function contract).
+                let (image, output, residual) = unsafe {
+                    (
+                        bufs.read(io.src),
+                        bufs.write(io.dst, band.clone()),
+                        io.residual.map(|id| &bufs.read(id)[band.clone()]),
+                    )
+                };
+                layer.run(
+                    LayerInput {
+                        image,
+                        plane: src_plane,
+                    },
+                    LayerOutput {
+                        band: output,
+                        plane: dst_plane,
+                        rows: rows.clone(),
+                        residual,
+                        relu,
+                    },
+                );
+            }
+        });
     }
 
     /// A 3x3 convolution of a block, with ReLU, for every image of the micro-batch.
@@ -340,76 +343,76 @@ impl Network {
         let (src_plane, dst_plane) = (self.planes[io.src], self.planes[io.dst]);
         let tiles_x = dst_plane.w / TILE;
         // Whole tiles: a thread's band is a run of tile rows.
-        let band = part.rows(dst_plane.h / TILE);
-        let rows_per_image = band.len();
-        if rows_per_image == 0 {
-            return;
-        }
-        let per_group = (layer.group_tiles() / tiles_x).max(1);
-        // Tile rows of all images, in order: (image, tile row); a group is a run of them.
-        let total = batch.len() * rows_per_image;
-        let at = |k: usize| (k / rows_per_image, band.start + k % rows_per_image);
-        let mut start = 0;
-        while start < total {
-            let end = (start + per_group).min(total);
-            let n = (end - start) * tiles_x;
-            // Each image's part of the group: consecutive tile rows, tiles `offset..` of it.
-            let segments = || {
-                let mut k = start;
-                std::iter::from_fn(move || {
-                    if k >= end {
-                        return None;
-                    }
-                    let (image, first) = at(k);
-                    let last = (end - k).min(band.end - first) + first;
-                    let offset = (k - start) * tiles_x;
-                    k += last - first;
-                    Some((image, first..last, offset))
-                })
-            };
-            for (image, tiles, offset) in segments() {
-                // SAFETY: nobody writes `src` in this phase (the function contract).
-                let input = unsafe { batch[image].read(io.src) };
-                let input = LayerInput {
-                    image: input,
-                    plane: src_plane,
+        part.share(dst_plane.h / TILE, |band| {
+            let rows_per_image = band.len();
+            let per_group = (layer.group_tiles() / tiles_x).max(1);
+            // Tile rows of all images, in order: (image, tile row); a group is a run of them.
+            let total = batch.len() * rows_per_image;
+            let at = |k: usize| (k / rows_per_image, band.start + k % rows_per_image);
+            let mut start = 0;
+            while start < total {
+                let end = (start + per_group).min(total);
+                let n = (end - start) * tiles_x;
+                // Each image's part of the group: consecutive tile rows, tiles `offset..` of it.
+                let segments = || {
+                    let mut k = start;
+                    std::iter::from_fn(move || {
+                        if k >= end {
+                            return None;
+                        }
+                        let (image, first) = at(k);
+                        let last = (end - k).min(band.end - first) + first;
+                        let offset = (k - start) * tiles_x;
+                        k += last - first;
+                        Some((image, first..last, offset))
+                    })
                 };
-                layer.transform_input(input, tiles, (offset, n), scratch);
+                for (image, tiles, offset) in segments() {
+                    // SAFETY: nobody writes `src` in this phase (the function contract).
+                    let input = unsafe { batch[image].read(io.src) };
+                    let input = LayerInput {
+                        image: input,
+                        plane: src_plane,
+                    };
+                    layer.transform_input(input, tiles, (offset, n), scratch);
+                }
+                layer.multiply(n, scratch);
+                for (image, tiles, offset) in segments() {
+                    let rows = tiles.start * TILE..tiles.end * TILE;
+                    let band = dst_plane.rows(&rows);
+                    let bufs = &batch[image];
+                    // SAFETY: these rows of `dst` are this thread's band, and nobody writes the
+                    // residual in this phase (the function contract).
+                    let (output, residual) = unsafe {
+                        (
+                            bufs.write(io.dst, band.clone()),
+                            io.residual.map(|id| &bufs.read(id)[band]),
+                        )
+                    };
+                    let out = LayerOutput {
+                        band: output,
+                        plane: dst_plane,
+                        rows,
+                        residual,
+                        relu: true,
+                    };
+                    layer.transform_output(scratch, (offset, n), out);
+                }
+                start = end;
             }
-            layer.multiply(n, scratch);
-            for (image, tiles, offset) in segments() {
-                let rows = tiles.start * TILE..tiles.end * TILE;
-                let band = dst_plane.rows(&rows);
-                let bufs = &batch[image];
-                // SAFETY: these rows of `dst` are this thread's band, and nobody writes the
-                // residual in this phase (the function contract).
-                let (output, residual) = unsafe {
-                    (
-                        bufs.write(io.dst, band.clone()),
-                        io.residual.map(|id| &bufs.read(id)[band]),
-                    )
-                };
-                let out = LayerOutput {
-                    band: output,
-                    plane: dst_plane,
-                    rows,
-                    residual,
-                    relu: true,
-                };
-                layer.transform_output(scratch, (offset, n), out);
-            }
-            start = end;
-        }
+        });
     }
 
     /// Runs a micro-batch of images (`n * [3, 32, 32]`, normalised, NCHW; `batch[i]` holds image
     /// i's buffers) through the network, layer by layer. Every thread of the partition calls
-    /// this with the same arguments; the leader writes the logits (`n * classes`).
+    /// this with the same arguments but its own `logits` (`n * classes`, scratch): the images
+    /// whose classifier head this thread computes are handed to `deliver` with their logits.
     ///
     /// The phases, separated by `sync`: input (writes INPUT), stem (INPUT -> stem output), then
     /// per block conv1 + shortcut (input -> mid, shortcut buffer) and conv2 (mid + residual ->
-    /// output). Within a phase no buffer is both read and written, and threads write disjoint
-    /// rows; that is what makes the `Shared` accesses below sound.
+    /// output), then the heads (last output -> `logits`). Within a phase no buffer is both read
+    /// and written, and threads write disjoint rows; that is what makes the `Shared` accesses
+    /// below sound. Everything is finished when this returns.
     ///
     /// # Safety
     /// The buffers behind `batch` are used, while this runs, only by the threads of `part`, each
@@ -421,24 +424,26 @@ impl Network {
         batch: &[Shared<'_>],
         part: &impl Partition,
         scratch: &mut Scratch,
-        logits: Option<&mut [f32]>,
+        logits: &mut [f32],
+        mut deliver: impl FnMut(Range<usize>, &[f32]),
     ) {
         let input = self.planes[INPUT];
         let image_len = input.h * input.w * input.c;
         assert_eq!(images.len(), batch.len() * image_len, "micro-batch size");
-        let rows = part.rows(input.h);
-        for (image, bufs) in images.chunks_exact(image_len).zip(batch) {
-            // SAFETY: this phase writes only this thread's rows of INPUT.
-            let dst = unsafe { bufs.write(INPUT, input.rows(&rows)) };
-            for (i, y) in rows.clone().enumerate() {
-                for x in 0..input.w {
-                    let at = input.at(i, x) - input.row_len();
-                    for c in 0..input.c {
-                        dst[at + c] = image[(c * input.h + y) * input.w + x];
+        part.share(input.h, |rows| {
+            for (image, bufs) in images.chunks_exact(image_len).zip(batch) {
+                // SAFETY: this phase writes only this thread's rows of INPUT.
+                let dst = unsafe { bufs.write(INPUT, input.rows(&rows)) };
+                for (i, y) in rows.clone().enumerate() {
+                    for x in 0..input.w {
+                        let at = input.at(i, x) - input.row_len();
+                        for c in 0..input.c {
+                            dst[at + c] = image[(c * input.h + y) * input.w + x];
+                        }
                     }
                 }
             }
-        }
+        });
         part.sync();
         let stem = Operands {
             src: INPUT,
@@ -472,10 +477,8 @@ impl Network {
                     *buf
                 }
                 ShortcutPlan::ZeroPad { pad, buf } => {
-                    for bufs in batch {
-                        // SAFETY: reads the block input, writes this thread's rows of `buf`.
-                        unsafe { self.zero_pad_shortcut(bufs, part, block.input, *buf, *pad) };
-                    }
+                    // SAFETY: reads the block input, writes this thread's rows of `buf`.
+                    unsafe { self.zero_pad_shortcut(batch, part, block.input, *buf, *pad) };
                     *buf
                 }
             };
@@ -490,44 +493,55 @@ impl Network {
             unsafe { self.conv3x3(&block.conv2, batch, part, scratch, conv2) };
             part.sync();
         }
-        if let (true, Some(logits)) = (part.is_leader(), logits) {
-            let last = self.last_output();
-            for (bufs, logits) in batch.iter().zip(logits.chunks_exact_mut(self.classes)) {
-                // SAFETY: after the last sync nobody writes the last output until the next
-                // batch's stem, which starts only after the next input phase and its sync,
-                // which the leader reaches after finishing here.
+        let last = self.last_output();
+        let classes = self.classes;
+        assert_eq!(logits.len(), batch.len() * classes, "logits size");
+        part.share(batch.len(), |images| {
+            let logits = &mut logits[images.start * classes..images.end * classes];
+            for (bufs, logits) in batch[images.clone()]
+                .iter()
+                .zip(logits.chunks_exact_mut(classes))
+            {
+                // SAFETY: the heads' phase only reads the last output (complete after the
+                // sync); the next write to it comes after the sync below.
                 let features = unsafe { bufs.read(last) };
                 self.head(features, self.planes[last], logits);
             }
-        }
+            deliver(images, logits);
+        });
+        part.sync();
     }
 
-    /// `x[::2, ::2]` of `src`, placed at channels `pad..pad + c_in` of `dst` (zeros elsewhere).
+    /// `x[::2, ::2]` of `src`, placed at channels `pad..pad + c_in` of `dst` (zeros elsewhere),
+    /// for every image of the micro-batch.
     ///
     /// # Safety
     /// As for [`Self::conv`].
     unsafe fn zero_pad_shortcut(
         &self,
-        bufs: &Shared<'_>,
+        batch: &[Shared<'_>],
         part: &impl Partition,
         src: usize,
         dst: usize,
         pad: usize,
     ) {
         let (sp, dp) = (self.planes[src], self.planes[dst]);
-        let rows = part.rows(dp.h);
-        let base = dp.rows(&rows).start;
-        // SAFETY: function contract.
-        let (input, out) = unsafe { (bufs.read(src), bufs.write(dst, dp.rows(&rows))) };
-        for y in rows {
-            for x in 0..dp.w {
-                let o = dp.at(y, x) - base;
-                let i = sp.at(2 * y, 2 * x);
-                let pixel = &mut out[o..o + dp.c];
-                pixel.fill(0.0);
-                pixel[pad..pad + sp.c].copy_from_slice(&input[i..i + sp.c]);
+        part.share(dp.h, |rows| {
+            let base = dp.rows(&rows).start;
+            for bufs in batch {
+                // SAFETY: function contract.
+                let (input, out) = unsafe { (bufs.read(src), bufs.write(dst, dp.rows(&rows))) };
+                for y in rows.clone() {
+                    for x in 0..dp.w {
+                        let o = dp.at(y, x) - base;
+                        let i = sp.at(2 * y, 2 * x);
+                        let pixel = &mut out[o..o + dp.c];
+                        pixel.fill(0.0);
+                        pixel[pad..pad + sp.c].copy_from_slice(&input[i..i + sp.c]);
+                    }
+                }
             }
-        }
+        });
     }
 
     /// Global average pool and the linear classifier.

@@ -1,37 +1,86 @@
-//! How the fast engine shares work between threads: a barrier cheap enough to separate every
-//! layer of a single image, and the two ways of running an image (alone, or as a team that
-//! splits each layer's output rows).
+//! How the fast engine shares work between threads: the two ways of running an image (alone,
+//! or as a team whose threads claim each layer's output rows), and how a team's threads wait
+//! for the rows of a layer to be finished.
+//!
+//! A team does not wait for its members to arrive, only for the rows they took: rows are claimed
+//! a few at a time from a shared counter, and a layer is complete when all its rows are
+//! finished, whoever computed them. A member that starts late (woken late, or preempted) finds
+//! the early layers finished and skips them, and one that never starts leaves its share to the
+//! others. With a barrier per layer instead, every one of an image's ~56 layers waited for the
+//! slowest member, which on shared vCPUs made the tail of one-image latency.
 
+use std::cell::Cell;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
 /// Busy-wait iterations before a waiting thread goes to sleep: about 50 microseconds (a
 /// `spin_loop` hint takes some 45 ns on the Zen 4 this was tuned on). A layer of one image takes
-/// tens of microseconds, so on an idle machine the partner usually arrives while we spin; on a
-/// busy one the partner may be descheduled, and sleeping hands it our core instead of burning it.
+/// tens of microseconds, so on an idle machine the rows being finished usually are while we spin;
+/// on a busy one their thread may be descheduled, and sleeping hands it our core instead of
+/// burning it.
 const SPINS_BEFORE_SLEEP: u32 = 1_000;
 
-/// A reusable barrier for a fixed number of threads: spins first, then sleeps on a condvar.
+/// Claims per member and layer: a layer's rows go in chunks of about
+/// `rows / (CLAIMS_PER_MEMBER * members)`, so that a member held up leaves little to wait for
+/// while chunks stay large enough to keep the kernels' tiles full.
+const CLAIMS_PER_MEMBER: usize = 2;
+
+/// Which output rows of a layer the calling thread computes, and how it waits for the others.
+///
+/// # Safety
+/// The network writes shared buffers from several threads on the strength of this trait, so an
+/// implementation must guarantee, for the threads that share one partition (one value per
+/// thread), provided each of them makes the same sequence of `share` calls (the same `n`s) with
+/// `sync`s at the same places: the ranges `share` hands to `compute`, over all threads, are
+/// disjoint and together cover `0..n`; `sync` returns only after every range handed out before
+/// it, by any thread, has been computed (its `compute` returned), with everything written there
+/// visible to the caller.
+pub unsafe trait Partition {
+    /// Runs `compute` on this thread's share of the `n` rows of the current layer.
+    fn share(&self, n: usize, compute: impl FnMut(Range<usize>));
+    /// Waits until every row shared so far has been computed.
+    fn sync(&self);
+}
+
+/// One thread runs the whole image.
+#[derive(Debug, Clone, Copy)]
+pub struct Alone;
+
+// SAFETY: a partition of one thread: all rows at once, nothing to wait for.
+unsafe impl Partition for Alone {
+    fn share(&self, n: usize, mut compute: impl FnMut(Range<usize>)) {
+        if n > 0 {
+            compute(0..n);
+        }
+    }
+    fn sync(&self) {}
+}
+
+/// What the members of a team share for one forward pass: which rows are taken, how many are
+/// finished, and how to sleep until more are. Made afresh for every pass.
 #[derive(Debug)]
-pub struct SpinBarrier {
-    threads: usize,
-    arrived: AtomicUsize,
-    generation: AtomicUsize,
+pub struct TeamWork {
+    members: usize,
+    /// The layer being claimed (counted from 1 in each member's sequence of `share` calls) in
+    /// the high 32 bits, its next unclaimed row in the low 32.
+    claims: AtomicU64,
+    /// Rows finished in this pass, over all layers.
+    finished: AtomicUsize,
     /// Threads that gave up spinning and sleep (or are about to) on `wake`.
     sleepers: AtomicUsize,
     lock: Mutex<()>,
     wake: Condvar,
-    /// A thread of the team panicked and will never arrive.
+    /// A member panicked: the rows it took will never be finished.
     broken: AtomicBool,
 }
 
-impl SpinBarrier {
-    pub fn new(threads: usize) -> Self {
+impl TeamWork {
+    pub fn new(members: usize) -> Self {
         Self {
-            threads: threads.max(1),
-            arrived: AtomicUsize::new(0),
-            generation: AtomicUsize::new(0),
+            members: members.max(1),
+            claims: AtomicU64::new(0),
+            finished: AtomicUsize::new(0),
             sleepers: AtomicUsize::new(0),
             lock: Mutex::new(()),
             wake: Condvar::new(),
@@ -39,9 +88,9 @@ impl SpinBarrier {
         }
     }
 
-    /// Releases every waiter, now and later, with a panic: called when a thread of the team
-    /// panics, so that the others do not wait for it forever.
-    pub fn break_barrier(&self) {
+    /// Releases every waiter, now and later, with a panic: called when a member panics, so that
+    /// the others do not wait forever for the rows it took.
+    pub fn break_team(&self) {
         self.broken.store(true, Ordering::SeqCst);
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         self.wake.notify_all();
@@ -53,37 +102,62 @@ impl SpinBarrier {
         }
     }
 
-    /// Returns once all threads have called `wait`; everything each of them wrote before the call
-    /// is visible to all of them after it.
-    ///
-    /// Panics when the barrier is broken (another thread panicked).
-    pub fn wait(&self) {
-        self.check_broken();
-        let generation = self.generation.load(Ordering::Acquire);
-        // AcqRel: the last arriver acquires every earlier arriver's writes through this counter,
-        // then publishes them (and its own) with the increment of `generation`.
-        if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.threads {
-            self.arrived.store(0, Ordering::Relaxed);
-            // SeqCst pairs with the sleeper's SeqCst increment below: either the sleeper sees
-            // the new generation, or we see the sleeper and wake it.
-            self.generation.fetch_add(1, Ordering::SeqCst);
-            if self.sleepers.load(Ordering::SeqCst) > 0 {
-                let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-                self.wake.notify_all();
+    /// The next `grain` rows (fewer at the end) of layer `layer`, which has `n`; `None` once
+    /// they are all taken.
+    fn claim(&self, layer: u64, n: usize, grain: usize) -> Option<Range<usize>> {
+        // Relaxed: the counter only has to hand every row out once (the atomicity of the
+        // exchange does that); what the rows' computation reads is ordered by `finished`.
+        let mut current = self.claims.load(Ordering::Relaxed);
+        loop {
+            let (claiming, next) = (current >> 32, (current & u64::from(u32::MAX)) as usize);
+            let start = match claiming.cmp(&layer) {
+                // A member moves on to a layer only once it found the previous ones all taken.
+                std::cmp::Ordering::Greater => return None,
+                std::cmp::Ordering::Less => 0,
+                std::cmp::Ordering::Equal => next,
+            };
+            if start >= n {
+                return None;
             }
-            return;
+            let end = (start + grain).min(n);
+            let claimed = (layer << 32) | end as u64;
+            match self.claims.compare_exchange_weak(
+                current,
+                claimed,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(start..end),
+                Err(now) => current = now,
+            }
         }
+    }
+
+    /// Counts `rows` as finished and wakes the members that sleep waiting for rows.
+    fn finish(&self, rows: usize) {
+        // SeqCst pairs with the sleeper's SeqCst increment in `wait_for`: either it sees these
+        // rows, or we see it and wake it. Release (in SeqCst) publishes the rows' writes.
+        self.finished.fetch_add(rows, Ordering::SeqCst);
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
+            let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.wake.notify_all();
+        }
+    }
+
+    /// Returns once `rows` rows of this pass are finished, with their writes visible.
+    ///
+    /// Panics when the team is broken (a member panicked).
+    fn wait_for(&self, rows: usize) {
+        self.check_broken();
         for _ in 0..SPINS_BEFORE_SLEEP {
-            if self.generation.load(Ordering::Acquire) != generation {
+            if self.finished.load(Ordering::Acquire) >= rows {
                 return;
             }
             std::hint::spin_loop();
         }
         self.sleepers.fetch_add(1, Ordering::SeqCst);
         let mut guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        while self.generation.load(Ordering::SeqCst) == generation
-            && !self.broken.load(Ordering::SeqCst)
-        {
+        while self.finished.load(Ordering::SeqCst) < rows && !self.broken.load(Ordering::SeqCst) {
             guard = self.wake.wait(guard).unwrap_or_else(|p| p.into_inner());
         }
         drop(guard);
@@ -92,81 +166,64 @@ impl SpinBarrier {
     }
 }
 
-/// Breaks the barrier if dropped while its thread unwinds from a panic.
+/// Breaks the team if dropped while its thread unwinds from a panic.
 #[derive(Debug)]
-pub struct BreakOnPanic<'a>(pub &'a SpinBarrier);
+pub struct BreakOnPanic<'a>(pub &'a TeamWork);
 
 impl Drop for BreakOnPanic<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            self.0.break_barrier();
+            self.0.break_team();
         }
     }
 }
 
-/// Which output rows of a layer the calling thread computes, and how it waits for the others.
-///
-/// # Safety
-/// The network writes shared buffers from several threads on the strength of this trait, so an
-/// implementation must guarantee, for the threads that share one partition (one value per
-/// thread): `rows(n)` gives the threads disjoint ranges within `0..n` that together cover it;
-/// `sync` returns only after every thread of the partition has called it, and everything a
-/// thread wrote before its call is visible to all of them after; exactly one thread is the
-/// leader.
-pub unsafe trait Partition {
-    /// This thread's share of `n` rows.
-    fn rows(&self, n: usize) -> Range<usize>;
-    /// Waits until every thread of the partition has finished the current layer.
-    fn sync(&self);
-    /// Whether this thread does the work that is not split (the classifier head).
-    fn is_leader(&self) -> bool;
+/// One thread's membership of a team: it claims rows of each layer from the shared
+/// [`TeamWork`] and counts the layers (and their rows) it has gone through.
+#[derive(Debug)]
+pub struct Member<'a> {
+    work: &'a TeamWork,
+    /// Layers this member has gone through (`share` calls).
+    layers: Cell<u64>,
+    /// Rows of those layers: what `sync` waits to see finished.
+    rows: Cell<usize>,
 }
 
-/// One thread runs the whole image.
-#[derive(Debug, Clone, Copy)]
-pub struct Alone;
-
-// SAFETY: a partition of one thread: all rows, nobody to wait for, the leader.
-unsafe impl Partition for Alone {
-    fn rows(&self, n: usize) -> Range<usize> {
-        0..n
-    }
-    fn sync(&self) {}
-    fn is_leader(&self) -> bool {
-        true
+impl<'a> Member<'a> {
+    pub fn new(work: &'a TeamWork) -> Self {
+        Self {
+            work,
+            layers: Cell::new(0),
+            rows: Cell::new(0),
+        }
     }
 }
 
-/// Thread `index` of `barrier`'s threads, each computing a contiguous band of every layer's rows.
-#[derive(Debug, Clone, Copy)]
-pub struct Team<'a> {
-    index: usize,
-    barrier: &'a SpinBarrier,
-}
-
-impl<'a> Team<'a> {
-    /// # Safety
-    /// Each of the indices `0..threads` of `barrier` is used by exactly one thread, so that the
-    /// team's bands are disjoint and its barrier counts every member once.
-    pub unsafe fn new(index: usize, barrier: &'a SpinBarrier) -> Self {
-        Self { index, barrier }
-    }
-}
-
-// SAFETY: the bands `n * index / size .. n * (index + 1) / size` for index 0..size are
-// contiguous, disjoint and cover 0..n (tested below); `SpinBarrier::wait` returns once all `size`
-// threads have arrived, with acquire/release ordering on its counters; index 0 leads. The
-// indices of one barrier's team are distinct by construction (`FastResNet::run`).
-unsafe impl Partition for Team<'_> {
-    fn rows(&self, n: usize) -> Range<usize> {
-        let size = self.barrier.threads;
-        n * self.index / size..n * (self.index + 1) / size
+// SAFETY: each member numbers the layers by its own count of `share` calls, which is the same
+// for all members (the trait's precondition). `TeamWork::claim` hands each row of layer `l` out
+// once: it advances the shared counter for `l` by exchange, and members reach `l + 1` only after
+// finding `l`'s rows all taken, so a counter that moved past `l` means nothing of `l` is left.
+// `sync` waits until `finished` counts every row of every layer so far, and members add rows
+// only after computing them, with release ordering matched by `wait_for`'s acquire. Rows of
+// later layers cannot be counted before (their members passed the same `sync` first).
+unsafe impl Partition for Member<'_> {
+    fn share(&self, n: usize, mut compute: impl FnMut(Range<usize>)) {
+        assert!(
+            u32::try_from(n).is_ok(),
+            "rows are claimed as 32-bit counts"
+        );
+        let layer = self.layers.get() + 1;
+        self.layers.set(layer);
+        self.rows.set(self.rows.get() + n);
+        let grain = n.div_ceil(CLAIMS_PER_MEMBER * self.work.members).max(1);
+        while let Some(rows) = self.work.claim(layer, n, grain) {
+            let count = rows.len();
+            compute(rows);
+            self.work.finish(count);
+        }
     }
     fn sync(&self) {
-        self.barrier.wait();
-    }
-    fn is_leader(&self) -> bool {
-        self.index == 0
+        self.work.wait_for(self.rows.get());
     }
 }
 
@@ -179,11 +236,12 @@ const EMA_WEIGHT: f64 = 0.3;
 /// Learns from wall times whether images that cannot go one per thread (a batch smaller than
 /// the thread count) run faster with every layer split between threads or on one thread.
 ///
-/// Splitting layers needs all threads at each of the ~56 barriers of an image: on an idle
-/// machine that nearly divides the latency by the thread count, but when other processes keep
-/// the cores busy every barrier waits for a descheduled partner and it is many times slower than
-/// one thread. Which holds changes with the machine's load, so it is measured, not assumed: the
-/// faster mode is used, the other retried now and then (less often while it keeps losing).
+/// On an idle machine splitting layers nearly divides the latency by the thread count. When
+/// other processes keep the cores busy, a member descheduled while it holds rows holds up every
+/// layer it took part in, and the threads' claims and waits on each other cost more than they
+/// save; one thread can then be faster. Which holds changes with the machine's load, so it is
+/// measured, not assumed: the faster mode is used, the other retried now and then (less often
+/// while it keeps losing).
 #[derive(Debug, Clone)]
 pub struct TeamChooser {
     team: Option<f64>,
@@ -257,6 +315,9 @@ impl TeamChooser {
 
 #[cfg(test)]
 mod tests {
+    use std::panic::AssertUnwindSafe;
+    use std::time::{Duration, Instant};
+
     use super::*;
 
     /// Simulates calls whose per-image time is `team_s` or `alone_s`; returns the modes used.
@@ -288,54 +349,108 @@ mod tests {
         );
     }
 
-    #[test]
-    fn team_bands_cover_every_row_once() {
-        let barrier = SpinBarrier::new(3);
-        for n in [0, 1, 2, 8, 17, 32] {
-            let mut next = 0;
-            for index in 0..3 {
-                let rows = Team {
-                    index,
-                    barrier: &barrier,
+    /// Runs `layers` (row counts, each followed by a sync) on `members` threads, the last
+    /// `late` of them starting only after `delay`. Asserts that each layer is finished before
+    /// any row of the next is computed and that every row is computed exactly once; returns how
+    /// long the first member (never late) took.
+    fn run_team(members: usize, late: usize, delay: Duration, layers: &[usize]) -> Duration {
+        let work = TeamWork::new(members);
+        let computed: Vec<Vec<AtomicUsize>> = layers
+            .iter()
+            .map(|&n| (0..n).map(|_| AtomicUsize::new(0)).collect())
+            .collect();
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            let threads: Vec<_> = (0..members)
+                .map(|index| {
+                    let (work, computed) = (&work, &computed);
+                    s.spawn(move || {
+                        if index >= members - late {
+                            std::thread::sleep(delay);
+                        }
+                        let member = Member::new(work);
+                        for (layer, &n) in layers.iter().enumerate() {
+                            member.share(n, |rows| {
+                                if let Some(previous) = layer.checked_sub(1) {
+                                    for count in &computed[previous] {
+                                        assert_eq!(count.load(Ordering::Relaxed), 1);
+                                    }
+                                }
+                                for row in rows {
+                                    computed[layer][row].fetch_add(1, Ordering::Relaxed);
+                                }
+                            });
+                            member.sync();
+                        }
+                        started.elapsed()
+                    })
+                })
+                .collect();
+            let times: Vec<Duration> = threads
+                .into_iter()
+                .map(|t| t.join().expect("no member panics"))
+                .collect();
+            for (layer, counts) in computed.iter().enumerate() {
+                for (row, count) in counts.iter().enumerate() {
+                    assert_eq!(count.load(Ordering::Relaxed), 1, "layer {layer} row {row}");
                 }
-                .rows(n);
-                assert_eq!(rows.start, next);
-                next = rows.end;
             }
-            assert_eq!(next, n);
+            times[0]
+        })
+    }
+
+    #[test]
+    fn a_team_computes_every_row_once_and_each_layer_before_the_next() {
+        let layers = [32, 8, 0, 1, 16, 2, 2, 7, 64];
+        for members in [1, 2, 3, 4] {
+            for _ in 0..20 {
+                run_team(members, 0, Duration::ZERO, &layers);
+            }
         }
     }
 
     #[test]
-    fn a_panicking_thread_releases_its_team() {
-        let barrier = SpinBarrier::new(2);
-        let result = std::panic::catch_unwind(|| {
-            std::thread::scope(|s| {
-                s.spawn(|| barrier.wait());
-                let _guard = BreakOnPanic(&barrier);
-                panic!("a bug in one thread");
-            })
-        });
-        assert!(result.is_err());
+    fn the_team_does_not_wait_for_members_that_start_late() {
+        // Two of three members start 2 s late: the first does their share and finishes long
+        // before; they then find every layer taken and compute nothing twice.
+        let first = run_team(3, 2, Duration::from_secs(2), &[32, 8, 1, 16, 2]);
+        assert!(
+            first < Duration::from_millis(1500),
+            "the first member took {first:?}"
+        );
     }
 
     #[test]
-    fn barrier_orders_phases_across_threads() {
-        let threads = 3;
-        let barrier = SpinBarrier::new(threads);
-        let counter = AtomicUsize::new(0);
-        std::thread::scope(|s| {
-            for _ in 0..threads {
-                s.spawn(|| {
-                    for phase in 0..200 {
-                        counter.fetch_add(1, Ordering::Relaxed);
-                        barrier.wait();
-                        // Everyone has incremented for this phase, nobody for the next one yet.
-                        assert_eq!(counter.load(Ordering::Relaxed), (phase + 1) * threads);
-                        barrier.wait();
-                    }
+    fn a_panicking_member_releases_its_team() {
+        let work = TeamWork::new(2);
+        let taken = AtomicBool::new(false);
+        let other = std::thread::scope(|s| {
+            let other = s.spawn(|| {
+                // Starts once the other member holds rows it will never finish.
+                while !taken.load(Ordering::SeqCst) {
+                    std::thread::yield_now();
+                }
+                std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    let member = Member::new(&work);
+                    member.share(4, |_| {});
+                    member.sync();
+                }))
+            });
+            let failed = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                let _guard = BreakOnPanic(&work);
+                let member = Member::new(&work);
+                member.share(4, |_| {
+                    taken.store(true, Ordering::SeqCst);
+                    panic!("a bug in one thread");
                 });
-            }
+            }));
+            assert!(failed.is_err());
+            other.join().expect("its panic is caught")
         });
+        let panic = other.expect_err("the other member's sync panics instead of waiting forever");
+        assert_eq!(
+            panic.downcast_ref::<&str>(),
+            Some(&"another thread of the team panicked")
+        );
     }
 }

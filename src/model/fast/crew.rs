@@ -13,8 +13,10 @@
 use std::any::Any;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+
+use super::signal::Signal;
 
 /// Polls before a waiting thread (a helper between passes, the caller at the end of one) sleeps:
 /// a couple of microseconds. Staying awake longer, as OpenMP runtimes do between parallel
@@ -52,51 +54,20 @@ struct State {
     stop: AtomicBool,
     /// The first panic of a helper in the current job, resumed by the caller.
     panic: Mutex<Option<Box<dyn Any + Send>>>,
-    /// Helpers asleep (or about to be) on `wake`.
-    sleepers: AtomicUsize,
-    /// The caller sleeps (or is about to) on `done`.
-    caller_asleep: AtomicBool,
-    lock: Mutex<()>,
-    wake: Condvar,
-    done: Condvar,
+    /// Where helpers wait for a job.
+    jobs: Signal,
+    /// Where the caller waits for the helpers to finish.
+    done: Signal,
 }
 
 impl State {
-    fn lock(&self) -> MutexGuard<'_, ()> {
-        self.lock.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Polls `ready` briefly; whether it became true.
-    fn poll_briefly(ready: impl Fn() -> bool) -> bool {
-        for _ in 0..POLLS_BEFORE_SLEEP {
-            if ready() {
-                return true;
-            }
-            std::hint::spin_loop();
-        }
-        ready()
-    }
-
     /// A helper's wait for a generation after `seen`: a few polls, then asleep.
     fn next_job(&self, seen: u64) -> u64 {
-        let posted = || self.posted.load(Ordering::Acquire) >> SEAT_BITS;
-        if Self::poll_briefly(|| posted() != seen) {
-            return posted();
-        }
-        // SeqCst pairs with `post`: either we see its generation below, or it sees us here and
-        // wakes us (under the lock, so not before we wait).
-        self.sleepers.fetch_add(1, Ordering::SeqCst);
-        let mut guard = self.lock();
-        let generation = loop {
-            let generation = self.posted.load(Ordering::SeqCst) >> SEAT_BITS;
-            if generation != seen {
-                break generation;
-            }
-            guard = self.wake.wait(guard).unwrap_or_else(|p| p.into_inner());
-        };
-        drop(guard);
-        self.sleepers.fetch_sub(1, Ordering::SeqCst);
-        generation
+        // SeqCst pairs with `post`'s store (see `Signal`).
+        let posted = || self.posted.load(Ordering::SeqCst) >> SEAT_BITS;
+        self.jobs
+            .wait_until(POLLS_BEFORE_SLEEP, || posted() != seen);
+        posted()
     }
 
     /// Publishes the next generation with `seats` helpers allowed to start it, and wakes the
@@ -105,10 +76,7 @@ impl State {
         let generation = (self.posted.load(Ordering::Relaxed) >> SEAT_BITS) + 1;
         self.posted
             .store((generation << SEAT_BITS) | seats as u64, Ordering::SeqCst);
-        if self.sleepers.load(Ordering::SeqCst) > 0 {
-            let _guard = self.lock();
-            self.wake.notify_all();
-        }
+        self.jobs.notify();
     }
 
     /// A helper's seat for the job of `generation`: false when that job is no longer open
@@ -139,27 +107,17 @@ impl State {
 
     /// A helper is done with the current job; the last one wakes the caller if it sleeps.
     fn finished(&self) {
-        // SeqCst pairs with `wait_for_helpers`, as in `next_job`/`post`.
-        if self.running.fetch_sub(1, Ordering::SeqCst) == 1
-            && self.caller_asleep.load(Ordering::SeqCst)
-        {
-            let _guard = self.lock();
-            self.done.notify_one();
+        // SeqCst pairs with `wait_for_helpers` (see `Signal`).
+        if self.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.done.notify();
         }
     }
 
     /// The caller's wait until every helper has finished the current job.
     fn wait_for_helpers(&self) {
-        if Self::poll_briefly(|| self.running.load(Ordering::Acquire) == 0) {
-            return;
-        }
-        self.caller_asleep.store(true, Ordering::SeqCst);
-        let mut guard = self.lock();
-        while self.running.load(Ordering::SeqCst) > 0 {
-            guard = self.done.wait(guard).unwrap_or_else(|p| p.into_inner());
-        }
-        drop(guard);
-        self.caller_asleep.store(false, Ordering::Relaxed);
+        self.done.wait_until(POLLS_BEFORE_SLEEP, || {
+            self.running.load(Ordering::SeqCst) == 0
+        });
     }
 }
 
@@ -172,11 +130,8 @@ impl Crew {
             running: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             panic: Mutex::new(None),
-            sleepers: AtomicUsize::new(0),
-            caller_asleep: AtomicBool::new(false),
-            lock: Mutex::new(()),
-            wake: Condvar::new(),
-            done: Condvar::new(),
+            jobs: Signal::default(),
+            done: Signal::default(),
         });
         let mut crew = Self {
             state,

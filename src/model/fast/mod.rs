@@ -9,8 +9,8 @@
 //! - [`conv`], [`kernels`]: one direct convolution and its microkernels.
 //! - [`winograd`]: the Winograd convolutions (their products reuse the microkernels).
 //! - [`network`]: the layer plan and a micro-batch's walk through it.
-//! - [`crew`], [`parallel`], [`workspace`], [`buffers`]: threads, how they share a pass, and the
-//!   memory they work in.
+//! - [`crew`], [`parallel`], [`signal`], [`workspace`], [`buffers`]: threads, how they share a
+//!   pass and wait for each other, and the memory they work in.
 
 //!
 //! Only [`FastResNet`] and its options are public: the layers, kernels and buffers below it
@@ -23,6 +23,7 @@ mod crew;
 mod kernels;
 mod network;
 mod parallel;
+mod signal;
 mod simd;
 #[cfg(test)]
 mod testing;

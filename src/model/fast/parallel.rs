@@ -12,7 +12,8 @@
 use std::cell::Cell;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
+
+use super::signal::Signal;
 
 /// Busy-wait iterations before a waiting thread goes to sleep: about 50 microseconds (a
 /// `spin_loop` hint takes some 45 ns on the Zen 4 this was tuned on). A layer of one image takes
@@ -67,10 +68,8 @@ pub struct TeamWork {
     claims: AtomicU64,
     /// Rows finished in this pass, over all layers.
     finished: AtomicUsize,
-    /// Threads that gave up spinning and sleep (or are about to) on `wake`.
-    sleepers: AtomicUsize,
-    lock: Mutex<()>,
-    wake: Condvar,
+    /// Where members wait for rows to be finished.
+    progress: Signal,
     /// A member panicked: the rows it took will never be finished.
     broken: AtomicBool,
 }
@@ -81,9 +80,7 @@ impl TeamWork {
             members: members.max(1),
             claims: AtomicU64::new(0),
             finished: AtomicUsize::new(0),
-            sleepers: AtomicUsize::new(0),
-            lock: Mutex::new(()),
-            wake: Condvar::new(),
+            progress: Signal::default(),
             broken: AtomicBool::new(false),
         }
     }
@@ -92,8 +89,7 @@ impl TeamWork {
     /// the others do not wait forever for the rows it took.
     pub fn break_team(&self) {
         self.broken.store(true, Ordering::SeqCst);
-        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.wake.notify_all();
+        self.progress.notify();
     }
 
     fn check_broken(&self) {
@@ -135,13 +131,9 @@ impl TeamWork {
 
     /// Counts `rows` as finished and wakes the members that sleep waiting for rows.
     fn finish(&self, rows: usize) {
-        // SeqCst pairs with the sleeper's SeqCst increment in `wait_for`: either it sees these
-        // rows, or we see it and wake it. Release (in SeqCst) publishes the rows' writes.
+        // SeqCst for `Signal`; its release half publishes the rows' writes.
         self.finished.fetch_add(rows, Ordering::SeqCst);
-        if self.sleepers.load(Ordering::SeqCst) > 0 {
-            let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-            self.wake.notify_all();
-        }
+        self.progress.notify();
     }
 
     /// Returns once `rows` rows of this pass are finished, with their writes visible.
@@ -149,19 +141,10 @@ impl TeamWork {
     /// Panics when the team is broken (a member panicked).
     fn wait_for(&self, rows: usize) {
         self.check_broken();
-        for _ in 0..SPINS_BEFORE_SLEEP {
-            if self.finished.load(Ordering::Acquire) >= rows {
-                return;
-            }
-            std::hint::spin_loop();
-        }
-        self.sleepers.fetch_add(1, Ordering::SeqCst);
-        let mut guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        while self.finished.load(Ordering::SeqCst) < rows && !self.broken.load(Ordering::SeqCst) {
-            guard = self.wake.wait(guard).unwrap_or_else(|p| p.into_inner());
-        }
-        drop(guard);
-        self.sleepers.fetch_sub(1, Ordering::SeqCst);
+        // SeqCst loads for `Signal`; their acquire half makes the rows' writes visible.
+        self.progress.wait_until(SPINS_BEFORE_SLEEP, || {
+            self.finished.load(Ordering::SeqCst) >= rows || self.broken.load(Ordering::SeqCst)
+        });
         self.check_broken();
     }
 }

@@ -1,0 +1,86 @@
+//! Waiting for a condition that another thread makes true: poll it briefly, then sleep until
+//! that thread, having made it true, wakes the sleepers. The engine's helpers (for the next
+//! job), its caller (for the helpers to finish) and a team's members (for rows to be finished)
+//! all wait this way.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
+
+/// Where threads sleep until a condition holds. A condition that comes true while the waiter
+/// polls costs no sleep and no lock; a notifier takes the lock only when someone sleeps.
+#[derive(Debug, Default)]
+pub struct Signal {
+    /// Threads asleep on `wake`, or about to be.
+    sleepers: AtomicUsize,
+    lock: Mutex<()>,
+    wake: Condvar,
+}
+
+impl Signal {
+    /// Returns once `ready()` is true: polls it `polls` times, then sleeps until a
+    /// [`Self::notify`] finds it true.
+    ///
+    /// `ready` must read with `SeqCst` what the notifier writes with `SeqCst` before calling
+    /// `notify`. Then no wake-up is lost: either our check after registering as a sleeper sees
+    /// the write, or the notifier's check sees us registered and wakes us, under the lock, so not
+    /// before we wait.
+    pub fn wait_until(&self, polls: u32, ready: impl Fn() -> bool) {
+        for _ in 0..polls {
+            if ready() {
+                return;
+            }
+            std::hint::spin_loop();
+        }
+        self.sleepers.fetch_add(1, Ordering::SeqCst);
+        let mut guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        while !ready() {
+            guard = self.wake.wait(guard).unwrap_or_else(|p| p.into_inner());
+        }
+        drop(guard);
+        self.sleepers.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Wakes the sleepers; call after the `SeqCst` write that may make their condition true.
+    pub fn notify(&self) {
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
+            let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.wake.notify_all();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::{mpsc, Arc};
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_sleeping_waiter_is_woken_by_the_write_that_makes_its_condition_true() {
+        for polls in [0, 1_000] {
+            let shared = Arc::new((Signal::default(), AtomicBool::new(false)));
+            let (returned, waiter_returned) = mpsc::channel();
+            let waiter = Arc::clone(&shared);
+            std::thread::spawn(move || {
+                let (signal, flag) = &*waiter;
+                signal.wait_until(polls, || flag.load(Ordering::SeqCst));
+                let _ = returned.send(());
+            });
+            // Long enough for the waiter to be asleep.
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(
+                waiter_returned.try_recv().is_err(),
+                "returned before the write"
+            );
+            let (signal, flag) = &*shared;
+            flag.store(true, Ordering::SeqCst);
+            signal.notify();
+            // A lost wake-up fails here instead of hanging the test.
+            waiter_returned
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the waiter is woken");
+        }
+    }
+}

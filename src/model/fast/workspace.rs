@@ -43,7 +43,8 @@ impl Buffers {
 }
 
 /// The buffers of one [`Buffers`], readable and writable from several threads under the
-/// discipline the `unsafe` accessors state (which the barrier between layers provides).
+/// discipline the `unsafe` accessors state (which the partition's `sync` between layers
+/// provides).
 #[derive(Debug)]
 pub struct Shared<'a> {
     ptrs: [(*mut f32, usize); MAX_BUFFERS],

@@ -140,7 +140,6 @@ impl TeamWork {
     ///
     /// Panics when the team is broken (a member panicked).
     fn wait_for(&self, rows: usize) {
-        self.check_broken();
         // SeqCst loads for `Signal`; their acquire half makes the rows' writes visible.
         self.progress.wait_until(SPINS_BEFORE_SLEEP, || {
             self.finished.load(Ordering::SeqCst) >= rows || self.broken.load(Ordering::SeqCst)

@@ -7,6 +7,7 @@
 //!   decoding, the batcher, softmax; one error type.
 //! - [`batcher`]: the bounded queue, the batching policy and the model thread.
 //! - [`grpc`]: the Open Inference Protocol over gRPC and `grpc.health.v1`, on their own port.
+//! - [`api_key`]: the optional API key both servers check (constant-time bearer comparison).
 //! - [`http`]: the routes, their request and response types, the one error type, and the
 //!   server's configuration ([`http::ServerConfig`], also [`server::ServerConfig`]).
 //! - [`metrics`]: the Prometheus metrics of the contract, one registry per server.
@@ -18,6 +19,7 @@
 //!   ([`cli::args`]), and every subcommand's handler: `serve`, `convert`, `fetch-weights`,
 //!   `eval`, `bench`, `preprocess`, `healthcheck`.
 
+pub mod api_key;
 pub mod batcher;
 pub mod cli;
 pub mod connections;

@@ -10,8 +10,9 @@ use http_util::{client, error_code, fake_info, solid_png, FakeModel, Gate, TestS
 use reqwest::blocking::multipart::{Form, Part};
 use reqwest::blocking::RequestBuilder;
 use reqwest::Method;
+use resnet_serve::api_key::{ApiKey, KeyError};
 use resnet_serve::cli::args::{Cli, Command};
-use resnet_serve::http::auth::{AccessConfig, AccessError, AccessOptions, ApiKey};
+use resnet_serve::http::auth::{AccessConfig, AccessError, AccessOptions};
 use resnet_serve::http::cors::CorsOrigins;
 use resnet_serve::server::ServerConfig;
 use serde_json::Value;
@@ -207,11 +208,11 @@ fn the_key_can_come_from_a_mounted_file() {
     std::fs::write(&file, "").unwrap();
     assert!(matches!(
         serve_access(&["--api-key-file", path]),
-        Err(AccessError::EmptyKey { .. })
+        Err(AccessError::Key(KeyError::EmptyKey { .. }))
     ));
     assert!(matches!(
         serve_access(&["--api-key-file", dir.join("missing").to_str().unwrap()]),
-        Err(AccessError::ReadKeyFile { .. })
+        Err(AccessError::Key(KeyError::ReadKeyFile { .. }))
     ));
     let both = Cli::try_parse_from(["resnet-serve", "--api-key", KEY, "--api-key-file", path]);
     assert!(both.is_err(), "--api-key and --api-key-file together");

@@ -16,7 +16,7 @@ use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
-use crate::http::auth::ApiKey;
+use crate::api_key::ApiKey;
 use crate::infer::Inference;
 use crate::metrics::Metrics;
 use crate::shutdown::Phase;

@@ -19,7 +19,7 @@ use super::proto::{
     ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
 };
 use super::status::{code_name, from_infer, from_key_refusal};
-use crate::http::auth::{check_bearer, ApiKey};
+use crate::api_key::{check_bearer, ApiKey};
 use crate::infer::tensor::{input_specs, output_specs, TensorSpec, MODEL_VERSION};
 use crate::infer::{InferError, Inference};
 use crate::metrics::Metrics;

@@ -4,7 +4,7 @@
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 
-use crate::http::auth::KeyRefusal;
+use crate::api_key::KeyRefusal;
 use crate::infer::InferError;
 
 /// Milliseconds a client told RESOURCE_EXHAUSTED should wait before retrying, sent as gRPC's

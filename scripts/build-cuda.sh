@@ -5,18 +5,20 @@
 #
 #   scripts/build-cuda.sh
 #
-# What it sets up, all under target/cuda-toolkit/ (nothing is installed system-wide):
+# What it sets up (nothing is installed system-wide), in the cache's cuda-toolkit/:
 #   venv/   the CUDA 13.0 compiler, headers and libraries (cuBLAS, cuRAND, NVRTC, cuDNN) from
 #           NVIDIA's Python wheels, pinned below;
 #   lib/    the unversioned names the linker wants (-lcublas, -lcudnn, -lcuda, ...) and
 #           libcuda.so.1 from Debian's `libcuda1` (non-free; unpacked, not installed): the NVIDIA
 #           driver's user-space library, to link against and to start without a GPU;
+# and in target/cuda-toolkit/ of this checkout:
 #   env.sh  the library path to run the binary on this machine (it is linked to libcuda.so.1 and
 #           the CUDA libraries, so it needs them even for --device cpu);
 #   resnet-serve  a wrapper that runs the built binary with env.sh.
-# cargo builds into its own target directory, by default in the cache: CI clones afresh, and
-# most of a cold build (about 30 CPU-minutes) is candle's CUDA kernels, which then compile once
-# per clone directory (the toolkit's paths under target/ are part of cargo's fingerprints).
+# cargo builds into its own target directory, also in the cache. Most of a cold build (about 30
+# CPU-minutes) is candle's CUDA kernels; the toolkit's paths are part of cargo's fingerprints
+# (RUSTFLAGS, CUDA_ROOT), so with the toolkit and the target directory both in the cache a fresh
+# clone, at any path, rebuilds only this crate. Without a writable cache both go under target/.
 # The binary is copied to target/cuda/release/resnet-serve.
 #
 # CUDA 13.0 because PTX runs only on a driver at least as new as the compiler that made it: 13.0
@@ -28,8 +30,9 @@
 #   CUDA_COMPUTE_CAP   GPU architecture the kernels are compiled for (default 90: H100/H200;
 #                      80 A100, 89 L4/L40S/RTX 40xx, 86 A10/RTX 30xx). Code built for one
 #                      capability runs on that one and newer.
-#   RESNET_CACHE_DIR   download cache for the wheels and the libcuda1 package (default
-#                      ~/.cache/resnet-serve; optional: without it everything is downloaded)
+#   RESNET_CACHE_DIR   cache for the wheels, the libcuda1 package, the toolkit and the build
+#                      (default ~/.cache/resnet-serve; optional: without it everything is
+#                      downloaded and built under target/)
 #   LIBCUDA            a libcuda.so to link against instead of Debian's (e.g. a toolkit's
 #                      stubs/libcuda.so); the binary then needs a real driver to start
 #   CUDA_TARGET_DIR    cargo's target directory (default $RESNET_CACHE_DIR/cuda-target, or
@@ -55,17 +58,21 @@ export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 # one newer than it knows).
 export CUDARC_CUDA_VERSION=13000
 
+# This checkout's wrapper and environment file.
 toolkit="$root/target/cuda-toolkit"
-venv="$toolkit/venv"
-linkdir="$toolkit/lib"
 cache="${RESNET_CACHE_DIR:-${HOME:-/nonexistent}/.cache/resnet-serve}"
+tools="$cache/cuda-toolkit"
 target_dir="$cache/cuda-target"
-if ! mkdir -p "$cache/cuda-wheels" "$cache/debs" 2>/dev/null; then
+if ! mkdir -p "$cache/cuda-wheels" "$cache/debs" "$tools" 2>/dev/null; then
     cache="$toolkit/cache"
+    tools="$toolkit"
     target_dir="$root/target/cuda"
     mkdir -p "$cache/cuda-wheels" "$cache/debs"
 fi
+mkdir -p "$toolkit"
 target_dir="${CUDA_TARGET_DIR:-$target_dir}"
+venv="$tools/venv"
+linkdir="$tools/lib"
 binary="$root/target/cuda/release/resnet-serve"
 
 step() { printf '== %s\n' "$*" >&2; }
@@ -96,7 +103,7 @@ cudnn="$site/nvidia/cudnn"
 # Fetched with a private apt state (the system's own sources, component non-free), so the
 # system's apt configuration is left as it is.
 fetch_libcuda() {
-    local apt="$toolkit/apt" sources=/etc/apt/sources.list.d/debian.sources
+    local apt="$tools/apt" sources=/etc/apt/sources.list.d/debian.sources
     [[ -f "$sources" ]] || {
         echo "build-cuda.sh: no $sources to find Debian's archive in; set LIBCUDA=/path/to/libcuda.so" >&2
         return 1
@@ -123,7 +130,7 @@ if [[ -z "${LIBCUDA:-}" ]]; then
         deb=$(find "$cache/debs" -name 'libcuda1_*_amd64.deb' | sort -V | tail -n1)
     fi
     [[ -n "$deb" ]] || { echo "build-cuda.sh: libcuda1 could not be downloaded" >&2; exit 1; }
-    unpacked="$toolkit/libcuda1"
+    unpacked="$tools/libcuda1"
     rm -rf "$unpacked"
     dpkg-deb -x "$deb" "$unpacked"
     LIBCUDA=$(find "$unpacked" -name 'libcuda.so.*.*' -type f | head -n1)

@@ -19,6 +19,7 @@
 # CPU-minutes) is candle's CUDA kernels; the toolkit's paths are part of cargo's fingerprints
 # (RUSTFLAGS, CUDA_ROOT), so with the toolkit and the target directory both in the cache a fresh
 # clone, at any path, rebuilds only this crate. Without a writable cache both go under target/.
+# Two builds that share a cache must not run at the same time (each rewrites its lib/ links).
 # The binary is copied to target/cuda/release/resnet-serve.
 #
 # CUDA 13.0 because PTX runs only on a driver at least as new as the compiler that made it: 13.0

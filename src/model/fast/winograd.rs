@@ -23,6 +23,18 @@ const POSITIONS: usize = ALPHA * ALPHA;
 pub const MAX_GROUP_TILES: usize = 32;
 /// Widest layer the transforms are instantiated for.
 const MAX_CHANNELS: usize = 64;
+/// Floats (one cache line) between one position's tiles and the next's in `V` and `M`.
+///
+/// Without it, a group of 32 tiles of 64 channels puts the 36 positions 8 KiB apart: a tile's
+/// 36 vectors, written by the input transform and read by the output transform, all fall in
+/// one set of the first-level cache and evict each other (and 4 KiB apart, loads wait on
+/// unrelated stores). With it, consecutive positions fall in consecutive sets.
+const POSITION_PAD: usize = 16;
+
+/// Floats from one position of a group of `n` tiles of `c` channels to the next, in `V` or `M`.
+const fn position_stride(n: usize, c: usize) -> usize {
+    n * c + POSITION_PAD
+}
 
 /// `G` of F(4x4, 3x3) (interpolation points 0, 1, -1, 2, -2 and infinity).
 const G: [[f64; 3]; ALPHA] = [
@@ -34,7 +46,8 @@ const G: [[f64; 3]; ALPHA] = [
     [0.0, 0.0, 1.0],
 ];
 
-/// Per-thread buffers for transformed tiles: `V` (`[36][tiles][cin]`) and `M` (`[36][tiles][cout]`).
+/// Per-thread buffers for transformed tiles: `V` (`[36][tiles][cin]`) and `M` (`[36][tiles][cout]`),
+/// each position [`position_stride`] floats after the previous one.
 #[derive(Debug)]
 pub struct Scratch {
     v: AlignedBuf,
@@ -43,7 +56,7 @@ pub struct Scratch {
 
 impl Default for Scratch {
     fn default() -> Self {
-        let len = POSITIONS * MAX_GROUP_TILES * MAX_CHANNELS;
+        let len = POSITIONS * position_stride(MAX_GROUP_TILES, MAX_CHANNELS);
         Self {
             v: AlignedBuf::zeros(len),
             m: AlignedBuf::zeros(len),
@@ -54,7 +67,8 @@ impl Default for Scratch {
 type InputTransform = unsafe fn(&InputArgs<'_>, &mut [f32]);
 type OutputTransform = unsafe fn(&OutputArgs<'_>, &mut [f32]);
 
-/// Where tiles sit in a group of `n` tiles: `[36][n][channels]`, these from index `offset`.
+/// Where tiles sit in a group of `n` tiles: `[36][n][channels]` (positions
+/// [`position_stride`] apart), these from index `offset`.
 #[derive(Debug, Clone, Copy)]
 struct Slot {
     offset: usize,
@@ -182,7 +196,7 @@ impl WinogradLayer {
             tiles,
             slot: Slot { offset, n },
         };
-        let v = &mut scratch.v.as_mut_slice()[..POSITIONS * n * self.cin];
+        let v = &mut scratch.v.as_mut_slice()[..POSITIONS * position_stride(n, self.cin)];
         // SAFETY: the transform was selected for a `SimdLevel`, which exists only for an
         // instruction set this CPU has; it indexes slices, whose extents it checks once on entry.
         unsafe { (self.input)(&args, v) };
@@ -212,7 +226,7 @@ impl WinogradLayer {
         let tiles = rows.start / TILE..rows.end / TILE;
         assert!(offset + tiles.len() * (dst.w / TILE) <= n && n <= MAX_GROUP_TILES);
         let args = OutputArgs {
-            m: &scratch.m.as_slice()[..POSITIONS * n * self.cout],
+            m: &scratch.m.as_slice()[..POSITIONS * position_stride(n, self.cout)],
             tiles,
             slot: Slot { offset, n },
             bias: self.bias.as_slice(),
@@ -269,15 +283,16 @@ impl WinogradLayer {
     pub fn multiply(&self, n: usize, scratch: &mut Scratch) {
         let (cin, cout) = (self.cin, self.cout);
         assert!(n <= MAX_GROUP_TILES, "group size");
-        let v = &scratch.v.as_slice()[..POSITIONS * n * cin];
-        let m = &mut scratch.m.as_mut_slice()[..POSITIONS * n * cout];
+        let (v_stride, m_stride) = (position_stride(n, cin), position_stride(n, cout));
+        let v = &scratch.v.as_slice()[..POSITIONS * v_stride];
+        let m = &mut scratch.m.as_mut_slice()[..POSITIONS * m_stride];
         match self.gemm {
             Kernel::Scalar => {
                 for p in 0..POSITIONS {
                     let u = &self.u.as_slice()[p * cin * cout..][..cin * cout];
                     for t in 0..n {
-                        let x = &v[(p * n + t) * cin..][..cin];
-                        let out = &mut m[(p * n + t) * cout..][..cout];
+                        let x = &v[p * v_stride + t * cin..][..cin];
+                        let out = &mut m[p * m_stride + t * cout..][..cout];
                         out.fill(0.0);
                         for (&xv, w) in x.iter().zip(u.chunks_exact(cout)) {
                             for (o, &w) in out.iter_mut().zip(w) {
@@ -295,9 +310,12 @@ impl WinogradLayer {
                     m: m.as_mut_ptr(),
                     positions: POSITIONS,
                     tiles: n,
+                    v_stride,
+                    m_stride,
                 };
-                // SAFETY: selected for this CPU and (cin, cout); `v` holds 36 x n x cin floats,
-                // `m` 36 x n x cout (asserted above), `u` 36 x cin x cout, `zeros` cout.
+                // SAFETY: selected for this CPU and (cin, cout); `v` holds 36 positions of
+                // `v_stride` floats, each n x cin from its start, and `m` 36 of `m_stride`
+                // floats, each n x cout (the slices above), `u` 36 x cin x cout, `zeros` cout.
                 unsafe { gemm(&raw) };
             }
         }
@@ -381,7 +399,8 @@ fn input_transform<const C: usize, const L: usize, const FMA: bool>(
     // of the last tile in V.
     assert!(C.is_multiple_of(L) && a.src.c == C && a.src.w.is_multiple_of(TILE));
     let last_tile = offset + a.tiles.len() * tiles_x - 1;
-    assert!(last_tile < n && (POSITIONS * n) * C <= v.len(), "V extent");
+    let stride = position_stride(n, C);
+    assert!(last_tile < n && POSITIONS * stride <= v.len(), "V extent");
     assert!(
         (TILE * (a.tiles.end - 1) + ALPHA) * a.src.row_len() <= a.input.len()
             && TILE * (tiles_x - 1) + ALPHA <= a.src.w + 2,
@@ -426,7 +445,7 @@ fn input_transform<const C: usize, const L: usize, const FMA: bool>(
                     ];
                     input_1d::<L, FMA>(t_i, &mut row);
                     for (j, r) in row.iter().enumerate() {
-                        let at = ((i * ALPHA + j) * n + t) * C + c;
+                        let at = (i * ALPHA + j) * stride + t * C + c;
                         // SAFETY: position < 36, tile t < n, channel c + L <= C: inside V.
                         unsafe { store::<L>(v, at, r) };
                     }
@@ -453,8 +472,9 @@ fn output_transform<const C: usize, const L: usize, const FMA: bool>(
     assert!(
         C.is_multiple_of(L) && a.dst.c == C && a.dst.w.is_multiple_of(TILE) && a.bias.len() >= C
     );
+    let stride = position_stride(n, C);
     assert!(
-        offset + a.tiles.len() * tiles_x <= n && POSITIONS * n * C <= a.m.len(),
+        offset + a.tiles.len() * tiles_x <= n && POSITIONS * stride <= a.m.len(),
         "M extent"
     );
     let band_len = TILE * a.tiles.len() * a.dst.row_len();
@@ -470,8 +490,8 @@ fn output_transform<const C: usize, const L: usize, const FMA: bool>(
             let t = offset + t_row * tiles_x + tx;
             for c in (0..C).step_by(L) {
                 for (j, col) in cols.iter_mut().enumerate() {
-                    // Position (i, j) lies ALPHA * n * C floats after (i - 1, j).
-                    let (at, step) = ((j * n + t) * C + c, ALPHA * n * C);
+                    // Position (i, j) lies ALPHA strides after (i - 1, j).
+                    let (at, step) = (j * stride + t * C + c, ALPHA * stride);
                     // SAFETY: positions (0..6, j) of tile t < n, channels c..c+L <= C: inside M.
                     let m = unsafe {
                         [

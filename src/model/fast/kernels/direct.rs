@@ -95,11 +95,11 @@ pub(super) unsafe fn gemm<
             // SAFETY: position p < positions and channel block co < COUT stay inside the buffers.
             unsafe {
                 let band = Band {
-                    src: g.v.add(p * g.tiles * CIN),
+                    src: g.v.add(p * g.v_stride),
                     taps: &taps,
                     weights: g.u.add(p * CIN * COUT + co),
                     bias: g.zeros.add(co),
-                    dst: g.m.add(p * g.tiles * COUT + co),
+                    dst: g.m.add(p * g.m_stride + co),
                     res: std::ptr::null(),
                     width: g.tiles,
                     relu: false,

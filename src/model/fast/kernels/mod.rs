@@ -60,8 +60,9 @@ pub enum Kernel<K = RowKernel> {
     Simd(K),
 }
 
-/// `M[p] = V[p] U[p]` for `positions` positions: `V` is `[positions][tiles][cin]`, `U`
-/// `[positions][cin][cout]`, `M` `[positions][tiles][cout]`, `zeros` `cout` zeros.
+/// `M[p] = V[p] U[p]` for `positions` positions: `V` is `[positions][tiles][cin]` with positions
+/// `v_stride` floats apart, `U` `[positions][cin][cout]`, `M` `[positions][tiles][cout]` with
+/// positions `m_stride` floats apart, `zeros` `cout` zeros.
 #[derive(Debug)]
 pub struct RawGemm {
     pub v: *const f32,
@@ -70,6 +71,8 @@ pub struct RawGemm {
     pub m: *mut f32,
     pub positions: usize,
     pub tiles: usize,
+    pub v_stride: usize,
+    pub m_stride: usize,
 }
 
 /// The best kernel of `level` for a convolution of this shape. Shapes without a specialised

@@ -103,13 +103,13 @@ pub struct OutputArgs<'a> {
 pub struct WinogradLayer {
     pub cin: usize,
     pub cout: usize,
-    /// `[36][cin][cout]` transformed filters.
+    /// `[36][cout / block][cin][block]` transformed filters, in the blocks of `gemm`.
     u: AlignedBuf,
     bias: AlignedBuf,
     zeros: AlignedBuf,
     input: InputTransform,
     output: OutputTransform,
-    gemm: Kernel<kernels::GemmKernel>,
+    gemm: Kernel<kernels::Gemm>,
     /// Tiles to gather (over tile rows and images) before multiplying.
     group_tiles: usize,
 }
@@ -131,6 +131,13 @@ impl WinogradLayer {
     pub fn new(conv: &FoldedConv, w: usize, level: SimdLevel) -> Self {
         let (cin, cout) = (conv.cin, conv.cout);
         assert!(supports(conv, 1, TILE, w), "unsupported Winograd layer");
+        let gemm = kernels::select_gemm(level, cin, cout);
+        // The filters' layout is the kernel's: output channels in blocks (the portable kernel
+        // reads whole rows).
+        let block = match gemm {
+            Kernel::Simd(gemm) => gemm.block,
+            Kernel::Scalar => cout,
+        };
         let mut u = AlignedBuf::zeros(POSITIONS * cin * cout);
         let packed = u.as_mut_slice();
         for co in 0..cout {
@@ -146,7 +153,9 @@ impl WinogradLayer {
                 for i in 0..ALPHA {
                     for j in 0..ALPHA {
                         let v: f64 = (0..3).map(|k| gg[i][k] * G[j][k]).sum();
-                        packed[((i * ALPHA + j) * cin + ci) * cout + co] = v as f32;
+                        let (b, lane) = (co / block, co % block);
+                        packed[(i * ALPHA + j) * cin * cout + (b * cin + ci) * block + lane] =
+                            v as f32;
                     }
                 }
             }
@@ -164,7 +173,7 @@ impl WinogradLayer {
             zeros: AlignedBuf::zeros(cout),
             input: input_transform_for(level, cin),
             output: output_transform_for(level, cout),
-            gemm: kernels::select_gemm(level, cin, cout),
+            gemm,
             group_tiles,
         }
     }
@@ -315,8 +324,9 @@ impl WinogradLayer {
                 };
                 // SAFETY: selected for this CPU and (cin, cout); `v` holds 36 positions of
                 // `v_stride` floats, each n x cin from its start, and `m` 36 of `m_stride`
-                // floats, each n x cout (the slices above), `u` 36 x cin x cout, `zeros` cout.
-                unsafe { gemm(&raw) };
+                // floats, each n x cout (the slices above), `u` 36 x cin x cout in this kernel's
+                // blocks (packed in `new`), `zeros` cout.
+                unsafe { (gemm.run)(&raw) };
             }
         }
     }

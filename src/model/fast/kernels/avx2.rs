@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::__m256;
 
-use super::{GemmKernel, RowKernel};
+use super::{Gemm, RowKernel};
 
 super::direct::instantiate!(__m256, "avx2,fma");
 
@@ -23,11 +23,11 @@ pub fn select(cin: usize, cout: usize, stride: usize) -> Option<RowKernel> {
 }
 
 /// Winograd matrix products for `(cin, cout)`, in the same tiles.
-pub fn select_gemm(cin: usize, cout: usize) -> Option<GemmKernel> {
+pub fn select_gemm(cin: usize, cout: usize) -> Option<Gemm> {
     Some(match (cin, cout) {
-        (16, 16) => gemm::<6, 2, 16, 16>,
-        (32, 32) => gemm::<6, 2, 32, 32>,
-        (64, 64) => gemm::<6, 2, 64, 64>,
+        (16, 16) => gemm_of::<6, 2, 16, 16, 16>(),
+        (32, 32) => gemm_of::<6, 2, 32, 32, 16>(),
+        (64, 64) => gemm_of::<6, 2, 64, 64, 16>(),
         _ => return None,
     })
 }

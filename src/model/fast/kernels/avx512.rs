@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::__m512;
 
-use super::{GemmKernel, RowKernel};
+use super::{Gemm, RowKernel};
 
 super::direct::instantiate!(__m512, "avx512f");
 
@@ -22,11 +22,11 @@ pub fn select(cin: usize, cout: usize, stride: usize) -> Option<RowKernel> {
 }
 
 /// Winograd matrix products for `(cin, cout)`.
-pub fn select_gemm(cin: usize, cout: usize) -> Option<GemmKernel> {
+pub fn select_gemm(cin: usize, cout: usize) -> Option<Gemm> {
     Some(match (cin, cout) {
-        (16, 16) => gemm::<8, 1, 16, 16>,
-        (32, 32) => gemm::<8, 2, 32, 32>,
-        (64, 64) => gemm::<4, 4, 64, 64>,
+        (16, 16) => gemm_of::<8, 1, 16, 16, 16>(),
+        (32, 32) => gemm_of::<8, 2, 32, 32, 32>(),
+        (64, 64) => gemm_of::<4, 4, 64, 64, 64>(),
         _ => return None,
     })
 }

@@ -37,11 +37,31 @@ macro_rules! instantiate {
         /// # Safety
         /// As for [`super::direct::gemm`].
         #[target_feature(enable = $features)]
-        unsafe fn gemm<const P: usize, const N: usize, const CIN: usize, const COUT: usize>(
+        unsafe fn gemm<
+            const P: usize,
+            const N: usize,
+            const CIN: usize,
+            const COUT: usize,
+            const BLOCK: usize,
+        >(
             g: &super::RawGemm,
         ) {
             // SAFETY: the caller's contract is the kernel's.
-            unsafe { super::direct::gemm::<$vector, P, N, CIN, COUT>(g) }
+            unsafe { super::direct::gemm::<$vector, P, N, CIN, COUT, BLOCK>(g) }
+        }
+
+        /// [`gemm`] with the filter layout it reads.
+        fn gemm_of<
+            const P: usize,
+            const N: usize,
+            const CIN: usize,
+            const COUT: usize,
+            const BLOCK: usize,
+        >() -> super::Gemm {
+            super::Gemm {
+                run: gemm::<P, N, CIN, COUT, BLOCK>,
+                block: BLOCK,
+            }
         }
     };
 }
@@ -68,17 +88,18 @@ pub(super) unsafe fn rows<
     for r in 0..t.rows {
         for co in (0..COUT).step_by(V::LANES * N) {
             // SAFETY: row r and channel block co lie inside the task (caller's contract).
-            unsafe { run_band::<V, P, N, CIN, COUT, S>(&t.band(r, co)) };
+            unsafe { run_band::<V, P, N, CIN, COUT, S, COUT>(&t.band(r, co)) };
         }
     }
 }
 
 /// Winograd matrix products for `(CIN, COUT)`: each position is a one-tap "convolution" of a row
-/// of `tiles` transformed tiles.
+/// of `tiles` transformed tiles. A tile holds `BLOCK` output channels (`N` vectors), whose
+/// filters are one contiguous run per position (see [`RawGemm`]).
 ///
 /// # Safety
 /// The CPU supports `V`'s instruction set, and `g` describes valid buffers (see [`RawGemm`]) for
-/// `CIN` inputs and `COUT` outputs (a multiple of `N` vectors).
+/// `CIN` inputs and `COUT` outputs (a multiple of `N` vectors), filters in blocks of `BLOCK`.
 #[inline(always)]
 pub(super) unsafe fn gemm<
     V: Vector,
@@ -86,9 +107,11 @@ pub(super) unsafe fn gemm<
     const N: usize,
     const CIN: usize,
     const COUT: usize,
+    const BLOCK: usize,
 >(
     g: &RawGemm,
 ) {
+    const { assert!(BLOCK == V::LANES * N && COUT.is_multiple_of(BLOCK)) };
     let taps = [0isize];
     for p in 0..g.positions {
         for co in (0..COUT).step_by(V::LANES * N) {
@@ -97,14 +120,14 @@ pub(super) unsafe fn gemm<
                 let band = Band {
                     src: g.v.add(p * g.v_stride),
                     taps: &taps,
-                    weights: g.u.add(p * CIN * COUT + co),
+                    weights: g.u.add(p * CIN * COUT + co * CIN),
                     bias: g.zeros.add(co),
                     dst: g.m.add(p * g.m_stride + co),
                     res: std::ptr::null(),
                     width: g.tiles,
                     relu: false,
                 };
-                run_band::<V, P, N, CIN, COUT, 1>(&band);
+                run_band::<V, P, N, CIN, COUT, 1, BLOCK>(&band);
             }
         }
     }
@@ -122,20 +145,21 @@ unsafe fn run_band<
     const CIN: usize,
     const COUT: usize,
     const S: usize,
+    const W_ROW: usize,
 >(
     band: &Band<'_>,
 ) {
     // SAFETY: each call covers pixels x..x+Q <= band.width (caller's contract).
     unsafe {
-        let mut x = tiles::<V, P, N, CIN, COUT, S>(band, 0);
+        let mut x = tiles::<V, P, N, CIN, COUT, S, W_ROW>(band, 0);
         if P > 4 {
-            x = tiles::<V, 4, N, CIN, COUT, S>(band, x);
+            x = tiles::<V, 4, N, CIN, COUT, S, W_ROW>(band, x);
         }
         if P > 2 {
-            x = tiles::<V, 2, N, CIN, COUT, S>(band, x);
+            x = tiles::<V, 2, N, CIN, COUT, S, W_ROW>(band, x);
         }
         if P > 1 {
-            tiles::<V, 1, N, CIN, COUT, S>(band, x);
+            tiles::<V, 1, N, CIN, COUT, S, W_ROW>(band, x);
         }
     }
 }
@@ -152,19 +176,22 @@ unsafe fn tiles<
     const CIN: usize,
     const COUT: usize,
     const S: usize,
+    const W_ROW: usize,
 >(
     band: &Band<'_>,
     mut x: usize,
 ) -> usize {
     while x + Q <= band.width {
         // SAFETY: pixels x..x+Q are inside the band.
-        unsafe { tile::<V, Q, N, CIN, COUT, S>(band, x) };
+        unsafe { tile::<V, Q, N, CIN, COUT, S, W_ROW>(band, x) };
         x += Q;
     }
     x
 }
 
-/// `P` output pixels from pixel `x` of the band x `N` vectors of output channels.
+/// `P` output pixels from pixel `x` of the band x `N` vectors of output channels. `W_ROW`: floats
+/// from one input channel's weights to the next's (`COUT` in a convolution's `[tap][cin][cout]`,
+/// the block width in the Winograd filters' blocks).
 ///
 /// # Safety
 /// As for [`rows`], with `x + P <= band.width`.
@@ -176,6 +203,7 @@ unsafe fn tile<
     const CIN: usize,
     const COUT: usize,
     const S: usize,
+    const W_ROW: usize,
 >(
     band: &Band<'_>,
     x: usize,
@@ -193,11 +221,11 @@ unsafe fn tile<
         }
         for (tap, &off) in band.taps.iter().enumerate() {
             let s = src.offset(off);
-            let wt = band.weights.add(tap * CIN * COUT);
+            let wt = band.weights.add(tap * CIN * W_ROW);
             for ci in 0..CIN {
                 let mut wv = [V::zero(); N];
                 for (v, wv) in wv.iter_mut().enumerate() {
-                    *wv = V::load(wt.add(ci * COUT + v * V::LANES));
+                    *wv = V::load(wt.add(ci * W_ROW + v * V::LANES));
                 }
                 for (p, row) in acc.iter_mut().enumerate() {
                     let xv = V::splat(*s.add(p * S * CIN + ci));

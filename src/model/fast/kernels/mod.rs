@@ -61,8 +61,8 @@ pub enum Kernel<K = RowKernel> {
 }
 
 /// `M[p] = V[p] U[p]` for `positions` positions: `V` is `[positions][tiles][cin]` with positions
-/// `v_stride` floats apart, `U` `[positions][cin][cout]`, `M` `[positions][tiles][cout]` with
-/// positions `m_stride` floats apart, `zeros` `cout` zeros.
+/// `v_stride` floats apart, `U` `[positions][cout / block][cin][block]` (the [`Gemm`]'s block),
+/// `M` `[positions][tiles][cout]` with positions `m_stride` floats apart, `zeros` `cout` zeros.
 #[derive(Debug)]
 pub struct RawGemm {
     pub v: *const f32,
@@ -92,8 +92,19 @@ pub fn select(level: SimdLevel, cin: usize, cout: usize, stride: usize) -> Kerne
     simd.map_or(Kernel::Scalar, Kernel::Simd)
 }
 
+/// A Winograd matrix-product kernel and the layout of the transformed filters it reads.
+#[derive(Debug, Clone, Copy)]
+pub struct Gemm {
+    pub run: GemmKernel,
+    /// The filters are `[positions][cout / block][cin][block]`: the kernel holds `block` output
+    /// channels in registers, and reads their filters as one contiguous run per position (with
+    /// whole rows of `cout`, it would read one short piece per cache line when `block < cout`,
+    /// and it streams the widest layers' filters from the shared cache at batch 1).
+    pub block: usize,
+}
+
 /// The best Winograd matrix-product kernel of `level` for these channel counts.
-pub fn select_gemm(level: SimdLevel, cin: usize, cout: usize) -> Kernel<GemmKernel> {
+pub fn select_gemm(level: SimdLevel, cin: usize, cout: usize) -> Kernel<Gemm> {
     let simd = match level.isa() {
         Isa::Scalar => None,
         #[cfg(target_arch = "x86_64")]
@@ -112,7 +123,7 @@ pub struct Band<'a> {
     /// Tap 0 of pixel 0.
     pub src: *const f32,
     pub taps: &'a [isize],
-    /// This channel block's first weight (row stride `cout` floats per input channel).
+    /// This channel block's first weight (`W_ROW` floats per input channel, see the kernels).
     pub weights: *const f32,
     pub bias: *const f32,
     /// Pixel 0 of the row, first channel of the block.

@@ -117,6 +117,22 @@ impl LayerOutput<'_> {
     }
 }
 
+/// What a layer writes when threads split its output channels: channels `channels` of interior
+/// rows `rows`, as in [`LayerOutput`]. The band is a raw pointer (`len` floats, exactly the
+/// bordered rows of `rows`) because other threads write other channels of the same rows at the
+/// same time; the writer's contract says who may touch what.
+#[derive(Debug)]
+pub struct ChannelsOutput<'a> {
+    pub band: *mut f32,
+    pub len: usize,
+    pub plane: Plane,
+    pub rows: std::ops::Range<usize>,
+    pub channels: std::ops::Range<usize>,
+    /// Same extent as the band.
+    pub residual: Option<&'a [f32]>,
+    pub relu: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@
 
 use std::ops::Range;
 
-use super::buffers::{AlignedBuf, LayerInput, LayerOutput, Plane};
+use super::buffers::{AlignedBuf, ChannelsOutput, LayerInput, LayerOutput, Plane};
 use super::kernels::{self, Kernel, RawGemm};
 use super::simd::{Isa, SimdLevel};
 use crate::model::fold::FoldedConv;
@@ -65,7 +65,7 @@ impl Default for Scratch {
 }
 
 type InputTransform = unsafe fn(&InputArgs<'_>, &mut [f32]);
-type OutputTransform = unsafe fn(&OutputArgs<'_>, &mut [f32]);
+type OutputTransform = unsafe fn(&OutputArgs<'_>);
 
 /// Where tiles sit in a group of `n` tiles: `[36][n][channels]` (positions
 /// [`position_stride`] apart), these from index `offset`.
@@ -85,12 +85,18 @@ pub struct InputArgs<'a> {
     slot: Slot,
 }
 
-/// What the output transform needs besides the output band.
+/// What the output transform reads, and where it writes.
 #[derive(Debug)]
 pub struct OutputArgs<'a> {
     m: &'a [f32],
-    /// Tile rows to produce; the output band holds exactly their rows.
+    /// The output band: `out_len` floats, exactly the bordered rows of `tiles`. A raw pointer,
+    /// because threads that split the channels write other channels of the same rows meanwhile.
+    out: *mut f32,
+    out_len: usize,
+    /// Tile rows to produce.
     tiles: Range<usize>,
+    /// Output channels to produce (whole vectors of the instruction set).
+    channels: Range<usize>,
     slot: Slot,
     bias: &'a [f32],
     dst: Plane,
@@ -105,6 +111,7 @@ pub struct WinogradLayer {
     pub cout: usize,
     /// `[36][cout / block][cin][block]` transformed filters, in the blocks of `gemm`.
     u: AlignedBuf,
+    block: usize,
     bias: AlignedBuf,
     zeros: AlignedBuf,
     input: InputTransform,
@@ -174,6 +181,7 @@ impl WinogradLayer {
             input: input_transform_for(level, cin),
             output: output_transform_for(level, cout),
             gemm,
+            block,
             group_tiles,
         }
     }
@@ -181,6 +189,17 @@ impl WinogradLayer {
     /// Tiles to gather before each [`Self::multiply`] (a whole number of tile rows).
     pub fn group_tiles(&self) -> usize {
         self.group_tiles
+    }
+
+    /// Bytes of the transformed filters, which every multiplication of a group reads.
+    pub fn filter_bytes(&self) -> usize {
+        std::mem::size_of_val(self.u.as_slice())
+    }
+
+    /// Output channels the matrix product computes together: [`Self::multiply`] and
+    /// [`Self::transform_output_channels`] take whole blocks.
+    pub fn block(&self) -> usize {
+        self.block
     }
 
     /// Transforms tile rows `tiles` of the bordered image `input` into the scratch, as tiles
@@ -213,20 +232,57 @@ impl WinogradLayer {
 
     /// Transforms tiles `offset..` of the group of `n` back into the output rows `out.rows`
     /// (whole tile rows), with bias, residual and ReLU fused.
-    pub fn transform_output(
-        &self,
-        scratch: &Scratch,
-        (offset, n): (usize, usize),
-        out: LayerOutput<'_>,
-    ) {
+    pub fn transform_output(&self, scratch: &Scratch, slot: (usize, usize), out: LayerOutput<'_>) {
         out.check(self.cout);
         let LayerOutput {
-            band: output,
-            plane: dst,
+            band,
+            plane,
             rows,
             residual,
             relu,
         } = out;
+        let out = ChannelsOutput {
+            band: band.as_mut_ptr(),
+            len: band.len(),
+            plane,
+            rows,
+            channels: 0..self.cout,
+            residual,
+            relu,
+        };
+        // SAFETY: `band` is borrowed exclusively for this call, and `check` made `len` its length.
+        unsafe { self.transform_output_channels(scratch, slot, out) }
+    }
+
+    /// [`Self::transform_output`] for the channels `out.channels` (whole blocks) only: what a
+    /// thread computes when threads split a layer's output channels.
+    ///
+    /// # Safety
+    /// `out.band` is valid for reads and writes of `out.len` floats, which are exactly the
+    /// bordered rows `out.rows` of an image of `out.plane`, and no other thread reads or writes
+    /// channels `out.channels` of those rows during the call.
+    pub unsafe fn transform_output_channels(
+        &self,
+        scratch: &Scratch,
+        (offset, n): (usize, usize),
+        out: ChannelsOutput<'_>,
+    ) {
+        let ChannelsOutput {
+            band,
+            len,
+            plane: dst,
+            rows,
+            channels,
+            residual,
+            relu,
+        } = out;
+        assert_eq!(dst.c, self.cout, "output channels");
+        assert!(
+            rows.end <= dst.h && len == dst.rows(&rows).len(),
+            "output band"
+        );
+        assert!(residual.is_none_or(|r| r.len() == len), "residual band");
+        self.check_channels(&channels);
         assert!(
             rows.start.is_multiple_of(TILE) && rows.end.is_multiple_of(TILE),
             "whole tile rows"
@@ -236,16 +292,31 @@ impl WinogradLayer {
         assert!(offset + tiles.len() * (dst.w / TILE) <= n && n <= MAX_GROUP_TILES);
         let args = OutputArgs {
             m: &scratch.m.as_slice()[..POSITIONS * position_stride(n, self.cout)],
+            out: band,
+            out_len: len,
             tiles,
+            channels,
             slot: Slot { offset, n },
             bias: self.bias.as_slice(),
             dst,
             residual,
             relu,
         };
-        // SAFETY: selected for a `SimdLevel`, as the input transform; it indexes slices, whose
-        // extents it checks once on entry.
-        unsafe { (self.output)(&args, output) };
+        // SAFETY: selected for a `SimdLevel`, as the input transform; it indexes slices and the
+        // band, whose extents it checks once on entry, and writes only `channels` of the band,
+        // which no other thread accesses meanwhile (function contract).
+        unsafe { (self.output)(&args) };
+    }
+
+    /// Panics unless `channels` is a run of whole blocks of the output channels.
+    fn check_channels(&self, channels: &Range<usize>) {
+        assert!(
+            channels.start <= channels.end
+                && channels.end <= self.cout
+                && channels.start.is_multiple_of(self.block)
+                && channels.end.is_multiple_of(self.block),
+            "output channel blocks"
+        );
     }
 
     /// The convolution of one whole image (`out.rows` must be all its rows), tile rows in
@@ -269,7 +340,7 @@ impl WinogradLayer {
             let tiles = ty..(ty + rows_per_group).min(dst.h / TILE);
             let n = tiles.len() * tiles_x;
             self.transform_input(input, tiles.clone(), (0, n), scratch);
-            self.multiply(n, scratch);
+            self.multiply(n, 0..self.cout, scratch);
             let rows = tiles.start * TILE..tiles.end * TILE;
             let band = dst.rows(&rows);
             let band = band.start - first..band.end - first;
@@ -288,10 +359,12 @@ impl WinogradLayer {
         }
     }
 
-    /// `M[p] = V[p] U[p]` for the 36 positions of the `n` tiles in the scratch.
-    pub fn multiply(&self, n: usize, scratch: &mut Scratch) {
+    /// `M[p] = V[p] U[p]` for the 36 positions of the `n` tiles in the scratch, output channels
+    /// `channels` (whole blocks; the rest of `M` is left as it was).
+    pub fn multiply(&self, n: usize, channels: Range<usize>, scratch: &mut Scratch) {
         let (cin, cout) = (self.cin, self.cout);
         assert!(n <= MAX_GROUP_TILES, "group size");
+        self.check_channels(&channels);
         let (v_stride, m_stride) = (position_stride(n, cin), position_stride(n, cout));
         let v = &scratch.v.as_slice()[..POSITIONS * v_stride];
         let m = &mut scratch.m.as_mut_slice()[..POSITIONS * m_stride];
@@ -301,10 +374,10 @@ impl WinogradLayer {
                     let u = &self.u.as_slice()[p * cin * cout..][..cin * cout];
                     for t in 0..n {
                         let x = &v[p * v_stride + t * cin..][..cin];
-                        let out = &mut m[p * m_stride + t * cout..][..cout];
+                        let out = &mut m[p * m_stride + t * cout..][..cout][channels.clone()];
                         out.fill(0.0);
                         for (&xv, w) in x.iter().zip(u.chunks_exact(cout)) {
-                            for (o, &w) in out.iter_mut().zip(w) {
+                            for (o, &w) in out.iter_mut().zip(&w[channels.clone()]) {
                                 *o += xv * w;
                             }
                         }
@@ -321,11 +394,12 @@ impl WinogradLayer {
                     tiles: n,
                     v_stride,
                     m_stride,
+                    channels,
                 };
                 // SAFETY: selected for this CPU and (cin, cout); `v` holds 36 positions of
                 // `v_stride` floats, each n x cin from its start, and `m` 36 of `m_stride`
                 // floats, each n x cout (the slices above), `u` 36 x cin x cout in this kernel's
-                // blocks (packed in `new`), `zeros` cout.
+                // blocks (packed in `new`), `zeros` cout; `channels` are whole blocks (checked).
                 unsafe { (gemm.run)(&raw) };
             }
         }
@@ -380,6 +454,16 @@ unsafe fn lanes<const L: usize>(s: &[f32], at: usize) -> &[f32; L] {
     debug_assert!(at + L <= s.len());
     // SAFETY: in bounds (contract); `[f32; L]` has the alignment of `f32`.
     unsafe { &*s.as_ptr().add(at).cast::<[f32; L]>() }
+}
+
+/// Writes `L` floats to `p + at`, unchecked.
+///
+/// # Safety
+/// `p + at` is valid for writing `L` floats, which no other thread accesses meanwhile.
+#[inline(always)]
+unsafe fn store_raw<const L: usize>(p: *mut f32, at: usize, values: &[f32; L]) {
+    // SAFETY: valid and unshared (contract); `values` is a distinct local array.
+    unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), p.add(at), L) };
 }
 
 /// Writes `L` floats into `s` from `at`, unchecked.
@@ -465,13 +549,15 @@ fn input_transform<const C: usize, const L: usize, const FMA: bool>(
     }
 }
 
-/// `Y = A^T M A` + bias (+ residual), ReLU, into the 4x4 output tiles of tile rows `a.tiles`;
-/// `out` holds exactly the bordered rows of those tiles. `L` channels at a time.
+/// `Y = A^T M A` + bias (+ residual), ReLU, into channels `a.channels` of the 4x4 output tiles of
+/// tile rows `a.tiles`; `a.out` holds exactly the bordered rows of those tiles. `L` channels at a
+/// time.
+///
+/// # Safety
+/// `a.out` is valid for reads and writes of `a.out_len` floats, and no other thread accesses
+/// channels `a.channels` of them during the call.
 #[inline(always)]
-fn output_transform<const C: usize, const L: usize, const FMA: bool>(
-    a: &OutputArgs<'_>,
-    out: &mut [f32],
-) {
+unsafe fn output_transform<const C: usize, const L: usize, const FMA: bool>(a: &OutputArgs<'_>) {
     let tiles_x = a.dst.w / TILE;
     let Slot { offset, n } = a.slot;
     if a.tiles.is_empty() {
@@ -482,15 +568,20 @@ fn output_transform<const C: usize, const L: usize, const FMA: bool>(
     assert!(
         C.is_multiple_of(L) && a.dst.c == C && a.dst.w.is_multiple_of(TILE) && a.bias.len() >= C
     );
+    let channels = a.channels.clone();
+    assert!(
+        channels.end <= C && channels.start.is_multiple_of(L) && channels.end.is_multiple_of(L),
+        "channels"
+    );
     let stride = position_stride(n, C);
     assert!(
         offset + a.tiles.len() * tiles_x <= n && POSITIONS * stride <= a.m.len(),
         "M extent"
     );
     let band_len = TILE * a.tiles.len() * a.dst.row_len();
-    assert!(band_len <= out.len(), "output extent");
+    assert!(band_len <= a.out_len, "output extent");
     assert!(
-        a.residual.is_none_or(|r| r.len() == out.len()),
+        a.residual.is_none_or(|r| r.len() == a.out_len),
         "residual extent"
     );
     let mut cols = [[[0.0f32; L]; TILE]; ALPHA];
@@ -498,7 +589,7 @@ fn output_transform<const C: usize, const L: usize, const FMA: bool>(
     for (t_row, ty) in a.tiles.clone().enumerate() {
         for tx in 0..tiles_x {
             let t = offset + t_row * tiles_x + tx;
-            for c in (0..C).step_by(L) {
+            for c in channels.clone().step_by(L) {
                 for (j, col) in cols.iter_mut().enumerate() {
                     // Position (i, j) lies ALPHA strides after (i - 1, j).
                     let (at, step) = (j * stride + t * C + c, ALPHA * stride);
@@ -550,8 +641,9 @@ fn output_transform<const C: usize, const L: usize, const FMA: bool>(
                                 *v = v.max(0.0);
                             }
                         }
-                        // SAFETY: as above, `at + L` is within this thread's band of `out`.
-                        unsafe { store::<L>(out, at, &o) };
+                        // SAFETY: as above, `at + L` is within the band, and these are channels
+                        // `c..c + L` of `a.channels`, which only this thread writes (contract).
+                        unsafe { store_raw::<L>(a.out, at, &o) };
                     }
                 }
             }
@@ -568,10 +660,11 @@ macro_rules! instantiate {
             input_transform::<C, $lanes, $fma>(a, v)
         }
         /// # Safety
-        /// The CPU supports the wrapper's target features.
+        /// The CPU supports the wrapper's target features, and as for [`output_transform`].
         $(#[target_feature(enable = $features)])?
-        unsafe fn $output<const C: usize>(a: &OutputArgs<'_>, out: &mut [f32]) {
-            output_transform::<C, $lanes, $fma>(a, out)
+        unsafe fn $output<const C: usize>(a: &OutputArgs<'_>) {
+            // SAFETY: the caller's contract.
+            unsafe { output_transform::<C, $lanes, $fma>(a) }
         }
     };
 }
@@ -671,6 +764,75 @@ mod tests {
                             "{level} {:?}: at {j} got {g}, want {e} (scale {scale})",
                             shapes[i]
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Threads that split a layer's output channels each multiply and transform back only their
+    /// blocks: block by block, in any order, gives the whole layer bit for bit, and a block's
+    /// write leaves the other channels as they were.
+    #[test]
+    fn channel_blocks_computed_apart_give_the_whole_layer() {
+        for (i, &(h, w, c)) in [(8, 8, 64), (16, 16, 32), (16, 32, 16)].iter().enumerate() {
+            let conv = FoldedConv {
+                cout: c,
+                cin: c,
+                k: 3,
+                weight: noise(c * c * 9, 600 + i as u64),
+                bias: noise(c, 700 + i as u64),
+            };
+            let (src, dst) = (Plane::new(h, w, c), Plane::new(h, w, c));
+            let input = image(src, 800 + i as u64);
+            let residual = image(dst, 900 + i as u64);
+            let band = dst.rows(&(0..h));
+            let n = (h / TILE) * (w / TILE);
+            for level in SimdLevel::supported() {
+                let layer = WinogradLayer::new(&conv, w, level);
+                let mut scratch = Scratch::default();
+                let mut whole = vec![0.0; dst.floats()];
+                layer.run(
+                    LayerInput {
+                        image: &input,
+                        plane: src,
+                    },
+                    LayerOutput {
+                        band: &mut whole[band.clone()],
+                        plane: dst,
+                        rows: 0..h,
+                        residual: Some(&residual[band.clone()]),
+                        relu: true,
+                    },
+                    &mut scratch,
+                );
+                let input = LayerInput {
+                    image: &input,
+                    plane: src,
+                };
+                let mut scratch = Scratch::default();
+                layer.transform_input(input, 0..h / TILE, (0, n), &mut scratch);
+                let mut split = vec![0.0; dst.floats()];
+                let block = layer.block();
+                let mut done = vec![false; c];
+                for b in (0..c / block).rev() {
+                    let channels = b * block..(b + 1) * block;
+                    layer.multiply(n, channels.clone(), &mut scratch);
+                    let out = ChannelsOutput {
+                        band: split[band.clone()].as_mut_ptr(),
+                        len: band.len(),
+                        plane: dst,
+                        rows: 0..h,
+                        channels: channels.clone(),
+                        residual: Some(&residual[band.clone()]),
+                        relu: true,
+                    };
+                    // SAFETY: `split` is this thread's alone; the band is its interior rows.
+                    unsafe { layer.transform_output_channels(&scratch, (0, n), out) };
+                    done[channels].fill(true);
+                    for (j, (got, want)) in split.iter().zip(&whole).enumerate() {
+                        let expected = if done[j % c] { *want } else { 0.0 };
+                        assert_eq!(got.to_bits(), expected.to_bits(), "{level} {c}: float {j}");
                     }
                 }
             }

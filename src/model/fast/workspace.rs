@@ -70,6 +70,17 @@ impl Shared<'_> {
         unsafe { std::slice::from_raw_parts(ptr, len) }
     }
 
+    /// Floats `range` of buffer `id`, to write in part while other threads write other parts of
+    /// the same floats (other channels of the same rows): a raw pointer, since a `&mut [f32]`
+    /// would claim all of them. Safe to call; dereferencing it is where the caller answers for
+    /// who touches what.
+    pub fn write_shared(&self, id: usize, range: Range<usize>) -> *mut f32 {
+        assert!(id < self.count, "buffer id");
+        let (ptr, len) = self.ptrs[id];
+        assert!(range.start <= range.end && range.end <= len, "buffer range");
+        ptr.wrapping_add(range.start)
+    }
+
     /// Floats `range` of buffer `id`, to write.
     ///
     /// # Safety

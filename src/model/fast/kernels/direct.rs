@@ -113,9 +113,15 @@ pub(super) unsafe fn gemm<
 ) {
     const { assert!(BLOCK == V::LANES * N && COUT.is_multiple_of(BLOCK)) };
     let taps = [0isize];
+    debug_assert!(
+        g.channels.end <= COUT
+            && g.channels.start.is_multiple_of(BLOCK)
+            && g.channels.end.is_multiple_of(BLOCK)
+    );
     for p in 0..g.positions {
-        for co in (0..COUT).step_by(V::LANES * N) {
-            // SAFETY: position p < positions and channel block co < COUT stay inside the buffers.
+        for co in g.channels.clone().step_by(BLOCK) {
+            // SAFETY: position p < positions and channel block co < COUT (whole blocks, the
+            // caller's contract) stay inside the buffers.
             unsafe {
                 let band = Band {
                     src: g.v.add(p * g.v_stride),

@@ -73,6 +73,8 @@ pub struct RawGemm {
     pub tiles: usize,
     pub v_stride: usize,
     pub m_stride: usize,
+    /// Output channels to compute: whole blocks, within `cout` (the rest of `M` is untouched).
+    pub channels: std::ops::Range<usize>,
 }
 
 /// The best kernel of `level` for a convolution of this shape. Shapes without a specialised

@@ -82,6 +82,8 @@ pub struct Network {
     stem: ConvLayer,
     stem_output: usize,
     blocks: Vec<Block>,
+    /// How many of `blocks` make the first stage.
+    first_stage_blocks: usize,
     /// `[classes][channels]`.
     fc_weight: Vec<f32>,
     fc_bias: Vec<f32>,
@@ -251,6 +253,7 @@ impl Network {
             stem,
             stem_output,
             blocks,
+            first_stage_blocks: spec.blocks_per_stage,
             fc_weight: read.get("fc.weight", &[classes, channels])?,
             fc_bias: read.get("fc.bias", &[classes])?,
             classes,
@@ -481,33 +484,13 @@ impl Network {
         });
     }
 
-    /// Runs a micro-batch of images (`n * [3, 32, 32]`, normalised, NCHW; `batch[i]` holds image
-    /// i's buffers) through the network, layer by layer. Every thread of the partition calls
-    /// this with the same arguments but its own `logits` (`n * classes`, scratch): the images
-    /// whose classifier head this thread computes are handed to `deliver` with their logits.
-    ///
-    /// The phases, separated by `sync`: input (writes INPUT), stem (INPUT -> stem output), then
-    /// per block conv1 + shortcut (input -> mid, shortcut buffer) and conv2 (mid + residual ->
-    /// output), then the heads (last output -> `logits`). Within a phase no buffer is both read
-    /// and written, and threads write disjoint rows; that is what makes the `Shared` accesses
-    /// below sound. Everything is finished when this returns.
+    /// The input phase (the images, NCHW, into INPUT) and the stem, each followed by a sync.
     ///
     /// # Safety
-    /// The buffers behind `batch` are used, while this runs, only by the threads of `part`, each
-    /// calling `run_batch` with views of the same buffers and its own `part` of one partition
-    /// (for [`super::parallel::Alone`]: by this thread alone).
-    pub unsafe fn run_batch(
-        &self,
-        images: &[f32],
-        batch: &[Shared<'_>],
-        part: &impl Partition,
-        scratch: &mut Scratch,
-        logits: &mut [f32],
-        mut deliver: impl FnMut(Range<usize>, &[f32]),
-    ) {
+    /// As for [`Self::run_batch`].
+    unsafe fn input_and_stem(&self, images: &[f32], batch: &[Shared<'_>], part: &impl Partition) {
         let input = self.planes[INPUT];
         let image_len = input.h * input.w * input.c;
-        assert_eq!(images.len(), batch.len() * image_len, "micro-batch size");
         part.share(input.h, |rows| {
             for (image, bufs) in images.chunks_exact(image_len).zip(batch) {
                 // SAFETY: this phase writes only this thread's rows of INPUT.
@@ -532,7 +515,20 @@ impl Network {
         // rows of the stem output, which no other thread reads or writes in this phase.
         unsafe { self.conv(&self.stem, batch, part, stem, true) };
         part.sync();
-        for block in &self.blocks {
+    }
+
+    /// `blocks`, in order, each as two phases followed by a sync.
+    ///
+    /// # Safety
+    /// As for [`Self::run_batch`].
+    unsafe fn run_blocks(
+        &self,
+        blocks: &[Block],
+        batch: &[Shared<'_>],
+        part: &impl Partition,
+        scratch: &mut Scratch,
+    ) {
+        for block in blocks {
             let conv1 = Operands {
                 src: block.input,
                 dst: block.mid,
@@ -571,6 +567,50 @@ impl Network {
             unsafe { self.conv3x3(&block.conv2, batch, part, scratch, conv2) };
             part.sync();
         }
+    }
+
+    /// Runs a micro-batch of images (`n * [3, 32, 32]`, normalised, NCHW; `batch[i]` holds image
+    /// i's buffers) through the network, layer by layer. Every thread of the partition calls
+    /// this with the same arguments but its own `logits` (`n * classes`, scratch): the images
+    /// whose classifier head this thread computes are handed to `deliver` with their logits.
+    ///
+    /// The phases, separated by `sync`: input (writes INPUT), stem (INPUT -> stem output), then
+    /// per block conv1 + shortcut (input -> mid, shortcut buffer) and conv2 (mid + residual ->
+    /// output), then the heads (last output -> `logits`); up to the end of the first stage one
+    /// image at a time, then over the whole micro-batch. Within a phase no buffer is both read
+    /// and written, and threads write disjoint rows; that is what makes the `Shared` accesses
+    /// below sound. Everything is finished when this returns.
+    ///
+    /// # Safety
+    /// The buffers behind `batch` are used, while this runs, only by the threads of `part`, each
+    /// calling `run_batch` with views of the same buffers and its own `part` of one partition
+    /// (for [`super::parallel::Alone`]: by this thread alone).
+    pub unsafe fn run_batch(
+        &self,
+        images: &[f32],
+        batch: &[Shared<'_>],
+        part: &impl Partition,
+        scratch: &mut Scratch,
+        logits: &mut [f32],
+        mut deliver: impl FnMut(Range<usize>, &[f32]),
+    ) {
+        let input = self.planes[INPUT];
+        let image_len = input.h * input.w * input.c;
+        assert_eq!(images.len(), batch.len() * image_len, "micro-batch size");
+        // The first stage image by image, the rest over the micro-batch. The first stage's
+        // activations are the largest (74 KB per buffer at 16 channels, 32x32): a micro-batch of
+        // them, layer by layer, does not stay in a core's cache, one image's does. The later
+        // stages' are a quarter and a sixteenth of that, and gather tiles across images.
+        let first_stage = self.first_stage_blocks;
+        for (image, bufs) in images.chunks_exact(image_len).zip(batch.chunks(1)) {
+            // SAFETY: the caller's contract, for this image's buffers.
+            unsafe {
+                self.input_and_stem(image, bufs, part);
+                self.run_blocks(&self.blocks[..first_stage], bufs, part, scratch);
+            }
+        }
+        // SAFETY: the caller's contract.
+        unsafe { self.run_blocks(&self.blocks[first_stage..], batch, part, scratch) };
         let last = self.last_output();
         let classes = self.classes;
         assert_eq!(logits.len(), batch.len() * classes, "logits size");

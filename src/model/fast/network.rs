@@ -578,8 +578,8 @@ impl Network {
     /// per block conv1 + shortcut (input -> mid, shortcut buffer) and conv2 (mid + residual ->
     /// output), then the heads (last output -> `logits`); up to the end of the first stage one
     /// image at a time, then over the whole micro-batch. Within a phase no buffer is both read
-    /// and written, and threads write disjoint rows; that is what makes the `Shared` accesses
-    /// below sound. Everything is finished when this returns.
+    /// and written, and threads write disjoint rows (or, in [`Self::winograd_channels`],
+    /// disjoint channels); that is what makes the `Shared` accesses below sound. Everything is finished when this returns.
     ///
     /// # Safety
     /// The buffers behind `batch` are used, while this runs, only by the threads of `part`, each
@@ -600,7 +600,7 @@ impl Network {
         // The first stage image by image, the rest over the micro-batch. The first stage's
         // activations are the largest (74 KB per buffer at 16 channels, 32x32): a micro-batch of
         // them, layer by layer, does not stay in a core's cache, one image's does. The later
-        // stages' are a quarter and a sixteenth of that, and gather tiles across images.
+        // stages' are a half and a quarter of that, and gather tiles across images.
         let first_stage = self.first_stage_blocks;
         for (image, bufs) in images.chunks_exact(image_len).zip(batch.chunks(1)) {
             // SAFETY: the caller's contract, for this image's buffers.

@@ -101,19 +101,13 @@ impl LayerOutput<'_> {
     /// Panics unless `band` (and the residual) are exactly the bordered rows of `rows` of an
     /// image of `channels` channels: the bound every layer's kernels rely on when they write it.
     pub fn check(&self, channels: usize) {
-        assert_eq!(self.plane.c, channels, "output channels");
-        assert!(
-            self.rows.start <= self.rows.end && self.rows.end <= self.plane.h,
-            "output rows"
-        );
-        assert_eq!(
+        check_band(
+            self.plane,
+            &self.rows,
             self.band.len(),
-            self.plane.rows(&self.rows).len(),
-            "output band"
+            self.residual.map(<[f32]>::len),
+            channels,
         );
-        if let Some(residual) = self.residual {
-            assert_eq!(residual.len(), self.band.len(), "residual band");
-        }
     }
 }
 
@@ -131,6 +125,36 @@ pub struct ChannelsOutput<'a> {
     /// Same extent as the band.
     pub residual: Option<&'a [f32]>,
     pub relu: bool,
+}
+
+impl ChannelsOutput<'_> {
+    /// As [`LayerOutput::check`], for `len` floats from `band`.
+    pub fn check(&self, channels: usize) {
+        check_band(
+            self.plane,
+            &self.rows,
+            self.len,
+            self.residual.map(<[f32]>::len),
+            channels,
+        );
+    }
+}
+
+/// Panics unless an output band of `len` floats (and a residual of `residual` floats) is exactly
+/// the bordered rows of `rows` of an image of `plane`, which has `channels` channels.
+fn check_band(
+    plane: Plane,
+    rows: &std::ops::Range<usize>,
+    len: usize,
+    residual: Option<usize>,
+    channels: usize,
+) {
+    assert_eq!(plane.c, channels, "output channels");
+    assert!(rows.start <= rows.end && rows.end <= plane.h, "output rows");
+    assert_eq!(len, plane.rows(rows).len(), "output band");
+    if let Some(residual) = residual {
+        assert_eq!(residual, len, "residual band");
+    }
 }
 
 #[cfg(test)]

@@ -233,7 +233,6 @@ impl WinogradLayer {
     /// Transforms tiles `offset..` of the group of `n` back into the output rows `out.rows`
     /// (whole tile rows), with bias, residual and ReLU fused.
     pub fn transform_output(&self, scratch: &Scratch, slot: (usize, usize), out: LayerOutput<'_>) {
-        out.check(self.cout);
         let LayerOutput {
             band,
             plane,
@@ -250,7 +249,8 @@ impl WinogradLayer {
             residual,
             relu,
         };
-        // SAFETY: `band` is borrowed exclusively for this call, and `check` made `len` its length.
+        // SAFETY: `band` is borrowed exclusively for this call and `len` is its length (that
+        // these are exactly the rows `rows` is checked there).
         unsafe { self.transform_output_channels(scratch, slot, out) }
     }
 
@@ -267,6 +267,7 @@ impl WinogradLayer {
         (offset, n): (usize, usize),
         out: ChannelsOutput<'_>,
     ) {
+        out.check(self.cout);
         let ChannelsOutput {
             band,
             len,
@@ -276,12 +277,6 @@ impl WinogradLayer {
             residual,
             relu,
         } = out;
-        assert_eq!(dst.c, self.cout, "output channels");
-        assert!(
-            rows.end <= dst.h && len == dst.rows(&rows).len(),
-            "output band"
-        );
-        assert!(residual.is_none_or(|r| r.len() == len), "residual band");
         self.check_channels(&channels);
         assert!(
             rows.start.is_multiple_of(TILE) && rows.end.is_multiple_of(TILE),

@@ -468,8 +468,8 @@ unsafe fn store_raw<const L: usize>(p: *mut f32, at: usize, values: &[f32; L]) {
 #[inline(always)]
 unsafe fn store<const L: usize>(s: &mut [f32], at: usize, values: &[f32; L]) {
     debug_assert!(at + L <= s.len());
-    // SAFETY: in bounds (contract); `values` is a distinct local array.
-    unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), s.as_mut_ptr().add(at), L) };
+    // SAFETY: in bounds (contract), and `s` is borrowed exclusively.
+    unsafe { store_raw(s.as_mut_ptr(), at, values) };
 }
 
 /// `V = B^T d B` for every tile of the tile rows `a.tiles`, `L` channels at a time (one

@@ -88,10 +88,8 @@ impl Shared<'_> {
     /// this thread holds no other slice overlapping them.
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn write(&self, id: usize, range: Range<usize>) -> &mut [f32] {
-        assert!(id < self.count, "buffer id");
-        let (ptr, len) = self.ptrs[id];
-        assert!(range.start <= range.end && range.end <= len, "buffer range");
-        // SAFETY: in bounds (checked); exclusive for its lifetime (contract).
-        unsafe { std::slice::from_raw_parts_mut(ptr.add(range.start), range.len()) }
+        let ptr = self.write_shared(id, range.clone());
+        // SAFETY: in bounds (checked by `write_shared`); exclusive for its lifetime (contract).
+        unsafe { std::slice::from_raw_parts_mut(ptr, range.len()) }
     }
 }

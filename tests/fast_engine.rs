@@ -28,6 +28,7 @@ fn options(weights: &Path, engine: EngineChoice, simd: SimdChoice, threads: usiz
         engine,
         simd,
         threads,
+        ..LoadOptions::default()
     }
 }
 

@@ -256,6 +256,7 @@ fn other_depths_and_class_counts_load_and_run() {
         engine: EngineChoice::Candle,
         simd: SimdChoice::Auto,
         threads: 1,
+        ..LoadOptions::default()
     };
     let mut model = Model::from_checkpoint(ckpt, &options).unwrap();
     let logits = model.logits(&vec![0.1; 2 * IMAGE_FLOATS], 2).unwrap();

@@ -99,6 +99,12 @@ pub struct ModelArgs {
     /// Threads for the fast CPU engine (0 = one per available core).
     #[arg(long, env = "RESNET_THREADS", default_value_t = LoadOptions::default().threads)]
     pub threads: usize,
+
+    /// On CUDA, replay the forward pass as a captured CUDA graph per batch size (false: launch
+    /// its kernels one by one, as the first pass of each batch size does).
+    #[arg(long, env = "RESNET_CUDA_GRAPHS", default_value_t = LoadOptions::default().cuda_graphs,
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub cuda_graphs: bool,
 }
 
 impl From<&ModelArgs> for LoadOptions {
@@ -109,6 +115,7 @@ impl From<&ModelArgs> for LoadOptions {
             engine: args.engine,
             simd: args.simd,
             threads: args.threads,
+            cuda_graphs: args.cuda_graphs,
         }
     }
 }
@@ -526,6 +533,26 @@ mod tests {
         assert_eq!(ConnectionLimits::from(&args), ConnectionLimits::default());
         assert_eq!(TelemetryOptions::from(&args), TelemetryOptions::default());
         assert_eq!(AccessOptions::from(&args), AccessOptions::default());
+    }
+
+    #[test]
+    fn cuda_graphs_are_on_unless_turned_off() {
+        if flag_variables_set() {
+            return;
+        }
+        assert!(serve_args(&["resnet-serve"]).model.cuda_graphs);
+        for off in ["false", "0", "off"] {
+            let args = serve_args(&["resnet-serve", "--cuda-graphs", off]);
+            assert!(
+                !LoadOptions::from(&args.model).cuda_graphs,
+                "--cuda-graphs {off}"
+            );
+        }
+        assert!(
+            serve_args(&["resnet-serve", "--cuda-graphs", "true"])
+                .model
+                .cuda_graphs
+        );
     }
 
     /// Every variant has a value, and each parses back to itself.

@@ -301,12 +301,25 @@ impl Module for CandleResNet {
 pub struct CandleEngine {
     net: CandleResNet,
     device: Device,
+    /// On CUDA with graphs on: each batch size's pass, captured once and replayed.
+    #[cfg(feature = "cuda")]
+    graphs: Option<super::cuda_graphs::GraphedForward>,
 }
 
 impl CandleEngine {
-    /// `net` must have been built on `device`.
-    pub fn new(net: CandleResNet, device: Device) -> Self {
-        Self { net, device }
+    /// `net` must have been built on `device`. `cuda_graphs`: on a CUDA device, replay each
+    /// batch size's pass as a captured CUDA graph (ignored elsewhere).
+    pub fn new(net: CandleResNet, device: Device, cuda_graphs: bool) -> Self {
+        #[cfg(feature = "cuda")]
+        let graphs = (cuda_graphs && device.is_cuda()).then(Default::default);
+        #[cfg(not(feature = "cuda"))]
+        let _ = cuda_graphs;
+        Self {
+            net,
+            device,
+            #[cfg(feature = "cuda")]
+            graphs,
+        }
     }
 }
 
@@ -318,6 +331,10 @@ impl Engine for CandleEngine {
             (n, INPUT_CHANNELS, INPUT_SIZE, INPUT_SIZE),
             &self.device,
         )?;
+        #[cfg(feature = "cuda")]
+        if let Some(graphs) = &mut self.graphs {
+            return Ok(graphs.logits(&self.net, &input)?);
+        }
         Ok(self.net.forward(&input)?.flatten_all()?.to_vec1()?)
     }
 }

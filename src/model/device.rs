@@ -55,7 +55,10 @@ fn unusable(device: DeviceChoice, reason: String) -> ModelError {
 fn open_cuda(ordinal: usize) -> Result<Device, String> {
     // Ask the driver first: it answers quickly and with a reason, before any context is made.
     probe_cuda(ordinal)?;
-    Device::new_cuda(ordinal).map_err(|e| describe(&e))
+    let device = Device::new_cuda(ordinal).map_err(|e| describe(&e))?;
+    #[cfg(feature = "cuda")]
+    cuda::track_no_events(&device);
+    Ok(device)
 }
 
 /// Whether the driver has GPU `ordinal`, or why not.
@@ -104,6 +107,18 @@ mod cuda {
             });
         }
         Ok(())
+    }
+
+    /// Stops the device's buffers from recording CUDA events for each use. Events order the
+    /// work of several streams on one buffer, and a stream being captured into a CUDA graph
+    /// must not wait on an event recorded outside the capture (see `model/cuda_graphs.rs`).
+    pub(super) fn track_no_events(device: &candle_core::Device) {
+        if let candle_core::Device::Cuda(cuda) = device {
+            // SAFETY: the contract is to order, by hand, uses of one buffer on several streams.
+            // candle issues all of a device's work on the one stream it made with the device,
+            // and this crate makes no other, so every use of a buffer is ordered by that stream.
+            unsafe { cuda.disable_event_tracking() };
+        }
     }
 
     /// A candle error, in words when it is a CUDA driver error.

@@ -4,6 +4,8 @@
 
 pub mod candle;
 pub mod convert;
+#[cfg(feature = "cuda")]
+mod cuda_graphs;
 mod device;
 pub mod embedded;
 pub mod engine;
@@ -105,7 +107,7 @@ impl Model {
                 };
                 (
                     name.into(),
-                    Box::new(CandleEngine::new(net, device.clone())),
+                    Box::new(CandleEngine::new(net, device.clone(), options.cuda_graphs)),
                 )
             }
         };

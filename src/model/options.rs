@@ -79,7 +79,7 @@ impl SimdChoice {
 
 /// How to build a [`super::Model`]: which weights, where, and with which engine. The defaults
 /// are the command line's.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadOptions {
     /// Weights file; `None`: the default file when it exists, else the embedded weights (see
     /// [`super::WeightsSource::resolve`]).
@@ -90,6 +90,22 @@ pub struct LoadOptions {
     pub simd: SimdChoice,
     /// Threads for the fast CPU engine (0 = one per available core).
     pub threads: usize,
+    /// On CUDA, replay each batch size's forward pass as a captured CUDA graph (see
+    /// [`super::cuda_graphs`]) instead of launching its kernels one by one.
+    pub cuda_graphs: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            weights: None,
+            device: DeviceChoice::default(),
+            engine: EngineChoice::default(),
+            simd: SimdChoice::default(),
+            threads: 0,
+            cuda_graphs: true,
+        }
+    }
 }
 
 #[cfg(test)]

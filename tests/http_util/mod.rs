@@ -312,6 +312,7 @@ pub fn weights_model(weights: std::path::PathBuf) -> Option<(Model, ModelInfo)> 
         engine: EngineChoice::Auto,
         simd: SimdChoice::Auto,
         threads: 0,
+        ..LoadOptions::default()
     })
     .unwrap();
     let info = ModelInfo::from_model(&model);

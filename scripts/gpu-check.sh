@@ -17,7 +17,7 @@
 #    reported too, not judged.
 # 3. bench: `resnet-serve bench` at batch 1, 64, 256 and 1024, and PyTorch on the same model and
 #    measure (host images in, logits back): eager, and channels-last with cudnn.benchmark; FP32,
-#    then with TF32 allowed.
+#    then with TF32 allowed. On CUDA also resnet-serve with `--cuda-graphs false`, reported only.
 # 4. HTTP load on 127.0.0.1: the server on the GPU, 1, 16 and 64 concurrent clients posting a
 #    PNG to /classify for a few seconds each; then SIGTERM, which must end it with status 0.
 #
@@ -128,9 +128,16 @@ bench() {
         --seconds "$bench_seconds" --json 2>>"$out/bench.log" \
         | tag check=bench impl=resnet-serve "precision=$1"
 }
+# The same pass launched kernel by kernel, as without CUDA graphs.
+bench_without_graphs() {
+    timeout 900 "$binary" bench --device "$device" --weights "$seed" --batch-sizes "$batch_sizes" \
+        --seconds "$bench_seconds" --cuda-graphs false --json 2>>"$out/bench.log" \
+        | tag check=bench impl=resnet-serve-without-cuda-graphs precision=fp32
+}
 check "bench resnet-serve" bench fp32
 if [[ $device == cuda ]]; then
     bench tf32 | tee -a "$results"
+    bench_without_graphs | tee -a "$results"
 fi
 torch_args=(--shared "$shared" --device "$device" --batch-sizes "$batch_sizes" --seconds "$bench_seconds")
 [[ $device == cuda ]] && torch_args+=(--tf32)

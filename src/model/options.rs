@@ -90,8 +90,8 @@ pub struct LoadOptions {
     pub simd: SimdChoice,
     /// Threads for the fast CPU engine (0 = one per available core).
     pub threads: usize,
-    /// On CUDA, replay each batch size's forward pass as a captured CUDA graph (see
-    /// [`super::cuda_graphs`]) instead of launching its kernels one by one.
+    /// On CUDA, replay each batch size's forward pass as a captured CUDA graph (`cuda_graphs.rs`)
+    /// instead of launching its kernels one by one.
     pub cuda_graphs: bool,
 }
 

@@ -19,7 +19,8 @@
 #    measure (host images in, logits back): eager, and channels-last with cudnn.benchmark; FP32,
 #    then with TF32 allowed. On CUDA also resnet-serve with `--cuda-graphs false`, reported only.
 # 4. HTTP load on 127.0.0.1: the server on the GPU, 1, 16 and 64 concurrent clients posting a
-#    PNG to /classify for a few seconds each; then SIGTERM, which must end it with status 0.
+#    PNG to /classify for a few seconds each, and the GPU memory the server then holds (reported
+#    only); then SIGTERM, which must end it with status 0.
 #
 # Output: JSON lines on stdout, each with a "check" field, also kept in $GPU_CHECK_OUT; the last
 # line is {"check": "summary", ...}. Exit status 1 when a judged check failed.
@@ -157,6 +158,13 @@ print(json.dumps({"check": "served-model", "pass": info["device"] == sys.argv[2]
 sys.exit(0 if info["device"] == sys.argv[2] else 1)' "$base/v1/model" "$expect_device" || status=1
         "$py" "$helper" load --url "$base" --image "$image" --levels "$load_levels" \
             --seconds "$load_seconds" || status=1
+        # Reported only: the GPU memory the server holds after the load, with a CUDA graph for
+        # each batch size it has seen.
+        if [[ $device == cuda ]] && command -v nvidia-smi >/dev/null; then
+            nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null \
+                | awk -F', *' -v pid="$server" '$1 == pid { mib = $2 }
+                    END { printf "{\"check\": \"gpu-memory\", \"server_mib\": %s}\n", (mib == "" ? "null" : mib) }'
+        fi
     else
         status=1
     fi

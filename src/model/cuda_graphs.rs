@@ -11,6 +11,7 @@ use std::collections::HashMap;
 
 use candle_core::cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use candle_core::cuda::cudarc::driver::CudaGraph;
+use candle_core::cuda::CudaDevice;
 use candle_core::{DType, Device, Module, Result, Shape, Tensor};
 
 use super::candle::CandleResNet;
@@ -59,7 +60,7 @@ impl GraphedForward {
         let _kept_uploads = cuda.enable_cuda_graph_htod_cache();
         let logits = net.forward(input)?;
         let answer = logits.flatten_all()?.to_vec1()?;
-        match Captured::capture(net, input, logits.shape()) {
+        match Captured::capture(cuda, net, input, logits.shape()) {
             Ok(captured) => {
                 tracing::debug!(batch_size = n, "captured the forward pass as a CUDA graph");
                 self.graphs.insert(n, captured);
@@ -94,13 +95,15 @@ struct Captured {
 unsafe impl Send for Captured {}
 
 impl Captured {
-    /// Captures `net`'s pass over a batch shaped like `example`, whose logits are shaped
-    /// `logits`. Call it right after an uncaptured pass at that shape, under candle's cache of
-    /// uploads for captures (see [`GraphedForward::logits`]).
-    fn capture(net: &CandleResNet, example: &Tensor, logits: &Shape) -> Result<Self> {
-        let Device::Cuda(cuda) = example.device() else {
-            candle_core::bail!("CUDA graphs need a CUDA device");
-        };
+    /// Captures `net`'s pass over a batch shaped like `example` (on `cuda`), whose logits are
+    /// shaped `logits`. Call it right after an uncaptured pass at that shape, under candle's
+    /// cache of uploads for captures (see [`GraphedForward::logits`]).
+    fn capture(
+        cuda: &CudaDevice,
+        net: &CandleResNet,
+        example: &Tensor,
+        logits: &Shape,
+    ) -> Result<Self> {
         let input = example.copy()?;
         let output = Tensor::zeros(logits, DType::F32, example.device())?;
         example.device().synchronize()?;

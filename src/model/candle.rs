@@ -48,11 +48,11 @@ struct ConvShape {
 /// candle makes cuDNN's descriptors anew on every call. With no algorithm named it also asks
 /// cuDNN's heuristics for one every time, and what they pick may need a workspace, allocated and
 /// zeroed per call: on an H200 a batch-1 pass of ResNet56 took 25 ms, about 0.36 ms for each of
-/// its 57 convolutions. Naming implicit GEMM skips the query, and it needs no workspace. `resnet-serve
-/// bench` there, FP32, images/s at batch 1 / 64 / 256 / 1024: heuristics 39 / 2,170 / 9,090 /
-/// 31,683; implicit GEMM 210 / 10,116 / 29,187 / 30,852; precomputed implicit GEMM (with a
-/// workspace) 97 / 5,502 / 19,683 / 35,135; GEMM and non-fused Winograd slower at all but batch
-/// 1024; fused Winograd and FFT tiling unsupported for some of the layers.
+/// its 57 convolutions. Naming implicit GEMM skips the query, and it needs no workspace.
+/// `resnet-serve bench` there, FP32, images/s at batch 1 / 64 / 256 / 1024: heuristics 39 /
+/// 2,170 / 9,090 / 31,683; implicit GEMM 210 / 10,116 / 29,187 / 30,852; precomputed implicit
+/// GEMM (with a workspace) 97 / 5,502 / 19,683 / 35,135; GEMM and non-fused Winograd slower at
+/// all but batch 1024; fused Winograd and FFT tiling unsupported for some of the layers.
 const CUDNN_ALGORITHM: CudnnFwdAlgo = CudnnFwdAlgo::ImplicitGemm;
 
 impl ConvShape {

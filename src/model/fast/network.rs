@@ -579,7 +579,8 @@ impl Network {
     /// output), then the heads (last output -> `logits`); up to the end of the first stage one
     /// image at a time, then over the whole micro-batch. Within a phase no buffer is both read
     /// and written, and threads write disjoint rows (or, in [`Self::winograd_channels`],
-    /// disjoint channels); that is what makes the `Shared` accesses below sound. Everything is finished when this returns.
+    /// disjoint channels); that is what makes the `Shared` accesses below sound. Everything is
+    /// finished when this returns.
     ///
     /// # Safety
     /// The buffers behind `batch` are used, while this runs, only by the threads of `part`, each

@@ -249,8 +249,8 @@ impl WinogradLayer {
             residual,
             relu,
         };
-        // SAFETY: `band` is borrowed exclusively for this call and `len` is its length (that
-        // these are exactly the rows `rows` is checked there).
+        // SAFETY: `band` is borrowed exclusively for this call and `len` is its length;
+        // `transform_output_channels` checks that it holds exactly the rows `rows`.
         unsafe { self.transform_output_channels(scratch, slot, out) }
     }
 

@@ -124,21 +124,19 @@ if [[ $device == cuda ]]; then
 fi
 
 # --- 3. bench ------------------------------------------------------------------------------
+# bench PRECISION IMPL [FLAGS...]: `resnet-serve bench` with FLAGS, reported as IMPL.
 bench() {
-    precision "$1" timeout 900 "$binary" bench --device "$device" --weights "$seed" --batch-sizes "$batch_sizes" \
-        --seconds "$bench_seconds" --json 2>>"$out/bench.log" \
-        | tag check=bench impl=resnet-serve "precision=$1"
+    local label=$1 impl=$2
+    shift 2
+    precision "$label" timeout 900 "$binary" bench --device "$device" --weights "$seed" --batch-sizes "$batch_sizes" \
+        --seconds "$bench_seconds" --json "$@" 2>>"$out/bench.log" \
+        | tag check=bench "impl=$impl" "precision=$label"
 }
-# The same pass launched kernel by kernel, as without CUDA graphs.
-bench_without_graphs() {
-    timeout 900 "$binary" bench --device "$device" --weights "$seed" --batch-sizes "$batch_sizes" \
-        --seconds "$bench_seconds" --cuda-graphs false --json 2>>"$out/bench.log" \
-        | tag check=bench impl=resnet-serve-without-cuda-graphs precision=fp32
-}
-check "bench resnet-serve" bench fp32
+check "bench resnet-serve" bench fp32 resnet-serve
 if [[ $device == cuda ]]; then
-    bench tf32 | tee -a "$results"
-    bench_without_graphs | tee -a "$results"
+    bench tf32 resnet-serve | tee -a "$results"
+    # The same pass launched kernel by kernel, as without CUDA graphs.
+    bench fp32 resnet-serve-without-cuda-graphs --cuda-graphs false | tee -a "$results"
 fi
 torch_args=(--shared "$shared" --device "$device" --batch-sizes "$batch_sizes" --seconds "$bench_seconds")
 [[ $device == cuda ]] && torch_args+=(--tf32)

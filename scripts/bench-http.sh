@@ -3,7 +3,11 @@
 # one after another on the same ports (18080 and up, loopback), each driven by the same load tool
 # (wrk, one thread, --latency) at 1, 16 and 64 connections posting the same 32x32 PNG; then
 # requests/s, p50 and p99 per server and level, and resnet-serve / peer ratios, as a table and as
-# JSON lines.
+# JSON lines. Right before each level, resnet-serve's own forward pass is timed at the matching
+# batch size (`resnet-serve bench`, same weights and threads, BENCH_SECONDS (5) each), so that the
+# run also shows how much of the forward pass's speed reaches the client: one client's p50 over
+# the batch-1 pass time and its p99 over its p50, and 16 and 64 clients' requests/s over the
+# images/s at batch 16 and 64, each against the service's targets (printed "met" or "NOT met").
 #
 #   scripts/bench-http.sh                         # 10 s per level, every server
 #   SECONDS_PER_LEVEL=2 SERVERS=resnet-serve,triton BINARY=path scripts/bench-http.sh
@@ -121,6 +125,12 @@ if has resnet-serve; then
     log "check: $(head -c 200 "$work/check.json")"
     versions+=("resnet-serve $("$bin" --version | cut -d' ' -f2)")
     for c in $levels; do
+        # The forward pass alone at this level's batch size, while the server idles: the machine's
+        # speed drifts between minutes, so each level is compared with a pass timed just before.
+        "$bin" bench --weights "$weights" --threads "$threads" --batch-sizes "$c" \
+            --seconds "${BENCH_SECONDS:-5}" 2>/dev/null |
+            sed -n 's/.*"batch_size":\([0-9]*\),"images_per_second":\([0-9.]*\).*/{"kind":"forward","batch_size":\1,"images_per_second":\2}/p' >>"$results"
+        tail -1 "$results" >&2
         IMG=$image wrk -t1 -c"$c" -d"${seconds}s" --latency -s "$anchors/torchserve/post.lua" \
             "http://127.0.0.1:$port/classify" >"$work/wrk.txt" 2>&1 || true
         record resnet-serve "$c" "$work/wrk.txt"
@@ -171,7 +181,9 @@ load_end=$(cut -d' ' -f1-3 /proc/loadavg)
 python3 - "$results" "$seconds" "$load_start" "$load_end" "$load_forced" "$(nproc)" "${versions[@]}" <<'PY'
 import json, sys
 path, seconds, load_start, load_end, forced, cpus, *versions = sys.argv[1:]
-rows = [json.loads(l) for l in open(path)]
+lines = [json.loads(l) for l in open(path)]
+rows = [l for l in lines if l["kind"] == "http"]
+forward = {l["batch_size"]: l["images_per_second"] for l in lines if l["kind"] == "forward"}
 forced = forced == "1"
 print(f"wrk -t1 --latency, {seconds} s per level, {cpus} CPUs, load average start {load_start} (1 min), "
       f"end {load_end} (1, 5, 15 min)" + ("  FORCED ON A BUSY MACHINE: not comparable" if forced else ""))
@@ -196,12 +208,41 @@ if ratios:
     for r in ratios:
         print(f"{r['vs']:>12} {r['connections']:>5} {r['requests_per_second_ratio']:>7.2f}x "
               f"{r['p50_ratio']:>7.2f}x {r['p99_ratio']:>7.2f}x")
+# The service's targets: what reaches a client of the forward pass's speed, and the lead on the
+# peers at 64 connections.
+targets = []
+def target(name, value, bound, met, unit):
+    if not targets:
+        print("targets (the forward pass timed by resnet-serve bench just before each level):")
+    targets.append({"kind": "target", "target": name, "value": value, "bound": bound, "met": met})
+    print(f"  {name:<44} {value:>8.2f}{unit}  (target {bound}{unit})  {'met' if met else 'NOT met'}")
+ours = {c: by[("resnet-serve", c)] for (s, c) in by if s == "resnet-serve"}
+if forward:
+    print("resnet-serve bench, images/s: " + ", ".join(f"batch {b} {v:.1f}" for b, v in sorted(forward.items())))
+if 1 in ours and 1 in forward:
+    one = ours[1]
+    target("1 client: p50 - batch-1 pass time", one["p50_ms"] - 1000 / forward[1], "<= +0.30",
+           one["p50_ms"] - 1000 / forward[1] <= 0.3, " ms")
+    if one["p50_ms"] > 0:
+        target("1 client: p99 / p50", one["p99_ms"] / one["p50_ms"], "<= 2.00",
+               one["p99_ms"] <= 2 * one["p50_ms"], "x")
+for c, bound in ((16, 0.8), (64, 0.9)):
+    if c in ours and c in forward and forward[c] > 0:
+        ratio = ours[c]["requests_per_second"] / forward[c]
+        target(f"{c} clients: req/s / images/s at batch {c}", ratio, f">= {bound:.2f}", ratio >= bound, "x")
+for peer, bound in (("torchserve", 5.0), ("triton", 3.0)):
+    mine, theirs = by.get(("resnet-serve", 64)), by.get((peer, 64))
+    if mine and theirs and theirs["requests_per_second"] > 0:
+        ratio = mine["requests_per_second"] / theirs["requests_per_second"]
+        target(f"64 clients: req/s / {peer}'s", ratio, f">= {bound:.2f}", ratio >= bound, "x")
+        target(f"64 clients: p99 / {peer}'s", mine["p99_ms"] / theirs["p99_ms"], "< 1.00",
+               mine["p99_ms"] < theirs["p99_ms"], "x")
 errors = [r for r in rows if r["non_2xx"] or r["socket_errors"] or r["requests_per_second"] <= 0]
 if errors:
     print("WARNING: failed requests or no figures for: "
           + ", ".join(f"{r['server']} c={r['connections']}" for r in errors))
 print(json.dumps({"kind": "run", "seconds_per_level": float(seconds), "cpus": int(cpus), "load_start": float(load_start),
                   "load_end": [float(x) for x in load_end.split()], "forced": forced, "servers": versions}))
-for r in rows + ratios:
+for r in lines + ratios + targets:
     print(json.dumps(r))
 PY

@@ -219,6 +219,11 @@ const MAX_EXPLORE_INTERVAL: u64 = 1024;
 /// (three runs, idle and with a competing process), 0.1 instead of 0.3 halved the calls spent in
 /// the slower mode on the idle machine (12% to 6-7%) and lowered the mean pass time by 1.0 to
 /// 1.5%; the average still follows a real change within a few dozen calls.
+///
+/// Requiring the other mode to be 1.5x faster before switching to it was tried as well: live at
+/// one client (2 vCPUs whose host was busy), it cut the passes run on one thread from 7.6-9.7% to
+/// 0.2%, but the requests/s against this chooser were 0.91x, 1.05x and 0.93x in three alternated
+/// runs (16 clients: 1.10x): some of the switches follow real phases of the machine.
 const EMA_WEIGHT: f64 = 0.1;
 
 /// Learns from wall times whether images that cannot go one per thread (a batch smaller than

@@ -53,8 +53,7 @@ done
 # forward NAME I: `bench` of build I at batch 1 and 64; appends "NAME bench-bBATCH images/s".
 forward() {
     "${bins[$2]}" bench --weights "$weights" --threads "$threads" --batch-sizes 1,64 \
-        --seconds "$seconds" |
-        sed -n 's/.*"batch_size":\([0-9]*\),"images_per_second":\([0-9.]*\).*/\1 \2/p' |
+        --seconds "$seconds" | bench_rates |
         while read -r batch ips; do echo "$1 bench-b$batch $ips"; done | tee -a "$work/runs"
 }
 

@@ -59,6 +59,11 @@ need_venv() {
 
 load1() { cut -d' ' -f1 /proc/loadavg; }
 
+# bench_rates: "BATCH IMAGES/S" for each batch size in `resnet-serve bench`'s JSON lines on stdin.
+bench_rates() {
+    sed -n 's/.*"batch_size":\([0-9]*\),"images_per_second":\([0-9.]*\).*/\1 \2/p'
+}
+
 # wrk_summary FILE: "REQ/S P50_MS P99_MS NON_2XX" from a `wrk --latency` report; "0 -1 -1 0" when
 # it holds no figures (the server never answered).
 wrk_summary() {

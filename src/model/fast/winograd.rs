@@ -716,6 +716,8 @@ mod tests {
             (8, 8, 64, 64),
             (4, 12, 16, 32),
             (12, 8, 64, 16),
+            // 3 tiles a row: tile counts that the kernels' widest tiles do not divide.
+            (8, 12, 16, 16),
         ];
         for (i, &(h, w, cin, cout)) in shapes.iter().enumerate() {
             let conv = FoldedConv {

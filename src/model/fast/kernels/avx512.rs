@@ -24,9 +24,22 @@ pub fn select(cin: usize, cout: usize, stride: usize) -> Option<RowKernel> {
 /// Winograd matrix products for `(cin, cout)`.
 pub fn select_gemm(cin: usize, cout: usize) -> Option<Gemm> {
     Some(match (cin, cout) {
-        (16, 16) => gemm_of::<8, 1, 16, 16, 16>(),
+        (16, 16) => Gemm {
+            run: gemm_resident::<4, 16, 16>,
+            block: 16,
+        },
         (32, 32) => gemm_of::<8, 2, 32, 32, 32>(),
         (64, 64) => gemm_of::<4, 4, 64, 64, 64>(),
         _ => return None,
     })
+}
+
+/// [`super::direct::gemm_resident`] for AVX-512.
+///
+/// # Safety
+/// As for [`super::direct::gemm_resident`].
+#[target_feature(enable = "avx512f")]
+unsafe fn gemm_resident<const Q: usize, const CIN: usize, const COUT: usize>(g: &super::RawGemm) {
+    // SAFETY: the caller's contract is the kernel's.
+    unsafe { super::direct::gemm_resident::<__m512, Q, CIN, COUT>(g) }
 }

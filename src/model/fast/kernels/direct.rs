@@ -139,6 +139,78 @@ pub(super) unsafe fn gemm<
     }
 }
 
+/// Winograd matrix products for a layer whose whole filter matrix at one position fits in
+/// registers: `COUT` is one vector, and the `CIN` filter vectors are loaded once per position.
+/// Each tile's sum runs as two interleaved chains (even and odd input channels), so that `Q`
+/// tiles keep `2Q` independent accumulations in flight: with `CIN` = 16 and one chain per tile,
+/// every multiply-add waited on the previous one's result.
+///
+/// # Safety
+/// As for [`gemm`], with `COUT` = `V::LANES` (one block, the filters' layout is then plain
+/// `[positions][cin][cout]`).
+#[inline(always)]
+pub(super) unsafe fn gemm_resident<
+    V: Vector,
+    const Q: usize,
+    const CIN: usize,
+    const COUT: usize,
+>(
+    g: &RawGemm,
+) {
+    const { assert!(COUT == V::LANES && CIN.is_multiple_of(2)) };
+    debug_assert!(g.channels.is_empty() || g.channels == (0..COUT));
+    if g.channels.is_empty() {
+        return;
+    }
+    for p in 0..g.positions {
+        // SAFETY: position p < positions stays inside the buffers (caller's contract), and
+        // every tile below is < tiles.
+        unsafe {
+            let u = g.u.add(p * CIN * COUT);
+            let w: [V; CIN] = std::array::from_fn(|ci| V::load(u.add(ci * COUT)));
+            let v = g.v.add(p * g.v_stride);
+            let m = g.m.add(p * g.m_stride);
+            let mut t = 0;
+            while t + Q <= g.tiles {
+                resident_tiles::<V, Q, CIN, COUT>(&w, v.add(t * CIN), m.add(t * COUT));
+                t += Q;
+            }
+            while t < g.tiles {
+                resident_tiles::<V, 1, CIN, COUT>(&w, v.add(t * CIN), m.add(t * COUT));
+                t += 1;
+            }
+        }
+    }
+}
+
+/// `Q` consecutive tiles of one position for [`gemm_resident`]: `v` is the first tile's `CIN`
+/// inputs, `m` its `COUT` outputs.
+///
+/// # Safety
+/// `v` is readable for `Q * CIN` floats, `m` writable for `Q * COUT`, and the CPU supports `V`'s
+/// instruction set.
+#[inline(always)]
+unsafe fn resident_tiles<V: Vector, const Q: usize, const CIN: usize, const COUT: usize>(
+    w: &[V; CIN],
+    v: *const f32,
+    m: *mut f32,
+) {
+    // SAFETY: tile q < Q and channel ci < CIN are inside `v`, output q inside `m` (contract).
+    unsafe {
+        let mut acc = [[V::zero(); 2]; Q];
+        for ci in (0..CIN).step_by(2) {
+            for (q, acc) in acc.iter_mut().enumerate() {
+                let x = v.add(q * CIN + ci);
+                acc[0] = V::fmadd(V::splat(*x), w[ci], acc[0]);
+                acc[1] = V::fmadd(V::splat(*x.add(1)), w[ci + 1], acc[1]);
+            }
+        }
+        for (q, acc) in acc.iter().enumerate() {
+            V::store(m.add(q * COUT), V::add(acc[0], acc[1]));
+        }
+    }
+}
+
 /// One band: tiles of `P` pixels, then narrower tiles for a tail that `P` does not divide.
 ///
 /// # Safety

@@ -21,7 +21,9 @@ pub fn select(cin: usize, cout: usize, stride: usize) -> Option<RowKernel> {
     })
 }
 
-/// Winograd matrix products for `(cin, cout)`.
+/// Winograd matrix products for `(cin, cout)`. The 64-channel filters go in two blocks of 32, so
+/// that at small batches the threads can split those layers' output channels, each reading
+/// half of the 590 KB of filters (with one block of 64, both read all of them).
 pub fn select_gemm(cin: usize, cout: usize) -> Option<Gemm> {
     Some(match (cin, cout) {
         (16, 16) => Gemm {
@@ -29,7 +31,7 @@ pub fn select_gemm(cin: usize, cout: usize) -> Option<Gemm> {
             block: 16,
         },
         (32, 32) => gemm_of::<8, 2, 32, 32, 32>(),
-        (64, 64) => gemm_of::<4, 4, 64, 64, 64>(),
+        (64, 64) => gemm_of::<8, 2, 64, 64, 32>(),
         _ => return None,
     })
 }

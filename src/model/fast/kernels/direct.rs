@@ -133,7 +133,38 @@ pub(super) unsafe fn gemm<
                     width: g.tiles,
                     relu: false,
                 };
-                run_band::<V, P, N, CIN, COUT, 1, BLOCK>(&band);
+                // The same block's filters at the next position, fetched into the core's
+                // second-level cache a few lines per tile while this position computes: the
+                // filters of the wider layers come from the shared cache (a layer's are read
+                // once per group, and the other layers' have evicted them since), and the
+                // hardware prefetcher stops at each page. (None after the last position.)
+                let lines = CIN * BLOCK / FLOATS_PER_LINE;
+                let next = band.weights.wrapping_add(CIN * COUT);
+                let steps = g.tiles / P;
+                let per_step = if p + 1 < g.positions && steps > 0 {
+                    lines.div_ceil(steps)
+                } else {
+                    0
+                };
+                let mut x = 0;
+                while x + P <= g.tiles {
+                    let first = (x / P) * per_step;
+                    let ahead = Prefetch {
+                        from: next.wrapping_add(first * FLOATS_PER_LINE),
+                        lines: per_step.min(lines.saturating_sub(first)),
+                    };
+                    tile::<V, P, N, CIN, COUT, 1, BLOCK>(&band, x, ahead);
+                    x += P;
+                }
+                if P > 4 {
+                    x = tiles::<V, 4, N, CIN, COUT, 1, BLOCK>(&band, x);
+                }
+                if P > 2 {
+                    x = tiles::<V, 2, N, CIN, COUT, 1, BLOCK>(&band, x);
+                }
+                if P > 1 {
+                    tiles::<V, 1, N, CIN, COUT, 1, BLOCK>(&band, x);
+                }
             }
         }
     }
@@ -211,6 +242,33 @@ unsafe fn resident_tiles<V: Vector, const Q: usize, const CIN: usize, const COUT
     }
 }
 
+/// Floats in a 64-byte cache line.
+const FLOATS_PER_LINE: usize = 16;
+
+/// Asks for the cache line holding `p` to be brought into the second-level cache.
+#[inline(always)]
+fn prefetch(p: *const f32) {
+    // SAFETY: a prefetch is only a hint: it reads nothing into the program and never faults,
+    // whatever the address; SSE is part of x86_64.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p.cast::<i8>())
+    };
+}
+
+/// Cache lines to fetch ahead while a tile computes: `lines` lines from `from`.
+#[derive(Debug, Clone, Copy)]
+struct Prefetch {
+    from: *const f32,
+    lines: usize,
+}
+
+impl Prefetch {
+    const NONE: Self = Self {
+        from: std::ptr::null(),
+        lines: 0,
+    };
+}
+
 /// One band: tiles of `P` pixels, then narrower tiles for a tail that `P` does not divide.
 ///
 /// # Safety
@@ -261,7 +319,7 @@ unsafe fn tiles<
 ) -> usize {
     while x + Q <= band.width {
         // SAFETY: pixels x..x+Q are inside the band.
-        unsafe { tile::<V, Q, N, CIN, COUT, S, W_ROW>(band, x) };
+        unsafe { tile::<V, Q, N, CIN, COUT, S, W_ROW>(band, x, Prefetch::NONE) };
         x += Q;
     }
     x
@@ -285,7 +343,13 @@ unsafe fn tile<
 >(
     band: &Band<'_>,
     x: usize,
+    ahead: Prefetch,
 ) {
+    // One line to prefetch at each input channel (spread out, so that the loads the tile waits
+    // on are not queued behind them), and any beyond `CIN` first.
+    for k in CIN..ahead.lines {
+        prefetch(ahead.from.wrapping_add(k * FLOATS_PER_LINE));
+    }
     // SAFETY: every offset below stays within pixels x..x+P, taps and channels of the band, and
     // the CPU supports `V`'s instruction set (caller's contract).
     unsafe {
@@ -301,6 +365,9 @@ unsafe fn tile<
             let s = src.offset(off);
             let wt = band.weights.add(tap * CIN * W_ROW);
             for ci in 0..CIN {
+                if tap == 0 && ci < ahead.lines {
+                    prefetch(ahead.from.wrapping_add(ci * FLOATS_PER_LINE));
+                }
                 let mut wv = [V::zero(); N];
                 for (v, wv) in wv.iter_mut().enumerate() {
                     *wv = V::load(wt.add(ci * W_ROW + v * V::LANES));

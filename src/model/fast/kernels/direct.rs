@@ -156,15 +156,7 @@ pub(super) unsafe fn gemm<
                     tile::<V, P, N, CIN, COUT, 1, BLOCK>(&band, x, ahead);
                     x += P;
                 }
-                if P > 4 {
-                    x = tiles::<V, 4, N, CIN, COUT, 1, BLOCK>(&band, x);
-                }
-                if P > 2 {
-                    x = tiles::<V, 2, N, CIN, COUT, 1, BLOCK>(&band, x);
-                }
-                if P > 1 {
-                    tiles::<V, 1, N, CIN, COUT, 1, BLOCK>(&band, x);
-                }
+                tail::<V, P, N, CIN, COUT, 1, BLOCK>(&band, x);
             }
         }
     }
@@ -287,7 +279,30 @@ unsafe fn run_band<
 ) {
     // SAFETY: each call covers pixels x..x+Q <= band.width (caller's contract).
     unsafe {
-        let mut x = tiles::<V, P, N, CIN, COUT, S, W_ROW>(band, 0);
+        let x = tiles::<V, P, N, CIN, COUT, S, W_ROW>(band, 0);
+        tail::<V, P, N, CIN, COUT, S, W_ROW>(band, x);
+    }
+}
+
+/// The pixels from `x` to the end of the band, fewer than `P`: tiles of 4, 2 and 1.
+///
+/// # Safety
+/// As for [`rows`], for this band.
+#[inline(always)]
+unsafe fn tail<
+    V: Vector,
+    const P: usize,
+    const N: usize,
+    const CIN: usize,
+    const COUT: usize,
+    const S: usize,
+    const W_ROW: usize,
+>(
+    band: &Band<'_>,
+    mut x: usize,
+) {
+    // SAFETY: each call covers pixels x..x+Q <= band.width (caller's contract).
+    unsafe {
         if P > 4 {
             x = tiles::<V, 4, N, CIN, COUT, S, W_ROW>(band, x);
         }
@@ -327,7 +342,8 @@ unsafe fn tiles<
 
 /// `P` output pixels from pixel `x` of the band x `N` vectors of output channels. `W_ROW`: floats
 /// from one input channel's weights to the next's (`COUT` in a convolution's `[tap][cin][cout]`,
-/// the block width in the Winograd filters' blocks).
+/// the block width in the Winograd filters' blocks). `ahead`: cache lines to prefetch meanwhile
+/// (none for a convolution).
 ///
 /// # Safety
 /// As for [`rows`], with `x + P <= band.width`.

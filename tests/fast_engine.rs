@@ -112,8 +112,10 @@ fn normalised_batch(data: &LabelledImages, n: usize, mean: &[f32; 3], std: &[f32
     input
 }
 
-/// Threading changes who computes what, never the arithmetic: every strategy and thread count
-/// gives bit-identical logits.
+/// Threading changes who computes what, never the arithmetic: for a given batch size, every
+/// strategy and thread count gives bit-identical logits. Nor does the batch size, except in
+/// choosing the wide layers' Winograd tiles: F(2x2, 3x3) for batches of 1 and 2, F(4x4, 3x3)
+/// above; within each range every batch gives each image the same logits.
 #[test]
 fn threading_strategies_give_identical_logits() {
     let Some((weights, data, _)) = first_images(7) else {
@@ -121,10 +123,19 @@ fn threading_strategies_give_identical_logits() {
     };
     let ckpt = Checkpoint::load(&weights).unwrap();
     let x = normalised_batch(&data, 7, &ckpt.metadata.mean, &ckpt.metadata.std);
-    let baseline = FastResNet::new(&ckpt.spec, &ckpt.tensors, SimdChoice::Auto, 1)
-        .unwrap()
-        .logits(&x, 7)
-        .unwrap();
+    let mut alone = FastResNet::new(&ckpt.spec, &ckpt.tensors, SimdChoice::Auto, 1).unwrap();
+    let sizes = [1, 2, 3, 7];
+    let baselines: Vec<Vec<f32>> = sizes
+        .iter()
+        .map(|&n| alone.logits(&x[..n * IMAGE_FLOATS], n).unwrap())
+        .collect();
+    assert_eq!(baselines[0], baselines[1][..10], "batches of 1 and 2");
+    assert_eq!(baselines[2], baselines[3][..30], "batches of 3 and 7");
+    assert_ne!(
+        baselines[0],
+        baselines[3][..10],
+        "F(2x2, 3x3) below batch 3"
+    );
     for threads in [2, 3] {
         for threading in [Threading::Auto, Threading::Images, Threading::Layers] {
             let options = FastOptions {
@@ -133,11 +144,10 @@ fn threading_strategies_give_identical_logits() {
                 ..FastOptions::default()
             };
             let mut net = FastResNet::with_options(&ckpt.spec, &ckpt.tensors, &options).unwrap();
-            for n in [1, 2, 7] {
+            for (&n, baseline) in sizes.iter().zip(&baselines) {
                 let got = net.logits(&x[..n * IMAGE_FLOATS], n).unwrap();
                 assert_eq!(
-                    got,
-                    baseline[..n * 10],
+                    &got, baseline,
                     "{threads} threads, {threading:?}, batch {n}"
                 );
             }

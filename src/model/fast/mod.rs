@@ -1,8 +1,8 @@
 //! The fast CPU engine: batch norm folded into the convolutions at load, channels-last
 //! activations with zero borders, fused conv + bias (+ residual) + ReLU kernels for AVX-512,
-//! AVX2 and portable code, Winograd F(4x4, 3x3) for the stride-1 3x3 convolutions, and the
-//! batch (or, for a batch smaller than the thread count, each layer) shared between threads that
-//! are started once, with the engine.
+//! AVX2 and portable code, Winograd F(4x4, 3x3) (and F(2x2, 3x3) for the widest layers at small
+//! batches) for the stride-1 3x3 convolutions, and the batch (or, for a batch smaller than the
+//! thread count, each layer) shared between threads that are started once, with the engine.
 //!
 //! - [`simd`]: detecting and forcing the instruction set.
 //! - [`crate::model::fold`]: batch-norm folding (shared with the candle engine on CUDA).
@@ -114,7 +114,7 @@ pub struct FastOptions {
     /// 0 = one per available core.
     pub threads: usize,
     pub threading: Threading,
-    /// Stride-1 3x3 convolutions with Winograd F(4x4, 3x3) (else direct).
+    /// Stride-1 3x3 convolutions with Winograd (else direct).
     pub winograd: bool,
 }
 
@@ -231,6 +231,7 @@ impl FastResNet {
             Threading::Layers => (0, false),
         };
         let started = std::time::Instant::now();
+        let pass = net.pass(n);
         // The whole images in `chunks` micro-batches of at most MICRO_BATCH, as even as can be
         // and as many for every thread: with a fixed size of 8, a batch of 40 gave one thread
         // 24 images and the other 16. Threads still claim them one by one, so one that is held
@@ -268,6 +269,7 @@ impl FastResNet {
                         &images[start * image_len..end * image_len],
                         &own[..end - start],
                         &Alone,
+                        pass,
                         scratch,
                         out,
                         |done, logits| deliver(start + done.start, logits),
@@ -278,12 +280,14 @@ impl FastResNet {
             let part = Member::new(&team_work);
             for i in whole..n {
                 // SAFETY: the team buffers are used only by the members of this team, each
-                // running this same loop over the same images with its own `Member`.
+                // running this same loop over the same images, with the same `pass`, with its
+                // own `Member`.
                 unsafe {
                     net.run_batch(
                         &images[i * image_len..(i + 1) * image_len],
                         std::slice::from_ref(&team),
                         &part,
+                        pass,
                         scratch,
                         &mut out[..classes],
                         |_, logits| deliver(i, logits),

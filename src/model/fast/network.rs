@@ -11,7 +11,7 @@ use super::buffers::{ChannelsOutput, LayerInput, LayerOutput, Plane};
 use super::conv::ConvLayer;
 use super::parallel::Partition;
 use super::simd::SimdLevel;
-use super::winograd::{self, Scratch, WinogradLayer, TILE};
+use super::winograd::{self, Scratch, Tiling, WinogradLayer};
 use super::workspace::Shared;
 use super::FastError;
 use crate::model::fold::{fold_batch_norm, BatchNorm, FoldedConv};
@@ -20,13 +20,20 @@ use crate::model::spec::{ModelSpec, Shortcut, INPUT_CHANNELS, INPUT_SIZE, STAGE_
 /// Buffer id of the network input.
 const INPUT: usize = 0;
 
-/// Winograd layers whose transformed filters are larger than this (the 64-channel ones: 590 KB,
-/// against 147 KB for 32 channels) split their output channels between threads when the batch
-/// is small, so that each thread reads only its part of the filters. Below it the filters stay
-/// in a core's cache, and splitting would only repeat the input transform on every thread
-/// (measured at batch 1: 1.11x splitting the 64-channel layers, 0.98x splitting the
-/// 32-channel ones too).
-const SPLIT_CHANNELS_ABOVE_FILTER_BYTES: usize = 256 * 1024;
+/// Winograd layers whose transformed filters are at least this large (the 64-channel ones: 576
+/// KiB in F(4x4, 3x3), 256 KiB in F(2x2, 3x3), against 144 KiB for 32 channels) split their
+/// output channels between threads when the batch is small, so that each thread reads only its
+/// part of the filters. Below it the filters stay in a core's cache, and splitting would only
+/// repeat the input transform on every thread (measured at batch 1: 1.11x splitting the
+/// 64-channel layers, 0.98x splitting the 32-channel ones too).
+const SPLIT_CHANNELS_FROM_FILTER_BYTES: usize = 256 * 1024;
+
+/// What a forward pass decides once for all its micro-batches and threads.
+#[derive(Debug, Clone, Copy)]
+pub struct Pass {
+    /// Run the wide layers in F(2x2, 3x3) ([`Network::pass`]).
+    small_batch: bool,
+}
 
 /// Which buffers of an image's [`Shared`] set a layer reads and writes, by buffer id.
 #[derive(Debug, Clone, Copy)]
@@ -47,19 +54,43 @@ enum ShortcutPlan {
     ZeroPad { pad: usize, buf: usize },
 }
 
-/// A 3x3 convolution, computed directly or with Winograd F(4x4, 3x3).
+/// A 3x3 convolution, computed directly or with Winograd.
 #[derive(Debug)]
 enum Conv3x3 {
     Direct(ConvLayer),
-    Winograd(WinogradLayer),
+    Winograd {
+        /// F(4x4, 3x3): the fewest multiplies, for batches whose tiles share the filters.
+        large: WinogradLayer,
+        /// F(2x2, 3x3) for the wide layers, at batches small enough that the threads split
+        /// their output channels (batches of 1 and 2 for 64 channels): a pass then waits on
+        /// reading the filters from the shared cache, and these are 2.25x smaller (256 KiB
+        /// against 576 KiB), for 1.78x the multiplies. Measured with 2 threads on AVX-512:
+        /// 1.19x the images/s at batch 1, 1.24x at batch 2. Both sets stay loaded (17 x 256 KiB
+        /// more for ResNet56).
+        small: Option<Box<WinogradLayer>>,
+    },
 }
 
 impl Conv3x3 {
     fn new(conv: &FoldedConv, stride: usize, src: Plane, level: SimdLevel, winograd: bool) -> Self {
-        if winograd && winograd::supports(conv, stride, src.h, src.w) {
-            Self::Winograd(WinogradLayer::new(conv, src.w, level))
-        } else {
-            Self::Direct(ConvLayer::new(conv, stride, level))
+        if !(winograd && winograd::supports(Tiling::F4, conv, stride, src.h, src.w)) {
+            return Self::Direct(ConvLayer::new(conv, stride, level));
+        }
+        let large = WinogradLayer::new(conv, src.w, level, Tiling::F4);
+        let small = (large.filter_bytes() >= SPLIT_CHANNELS_FROM_FILTER_BYTES
+            && winograd::supports(Tiling::F2, conv, stride, src.h, src.w))
+        .then(|| Box::new(WinogradLayer::new(conv, src.w, level, Tiling::F2)));
+        Self::Winograd { large, small }
+    }
+
+    /// The most images whose tiles make one group of this layer's F(2x2, 3x3) form (whose
+    /// output is `dst`), if it has one.
+    fn small_batch_max(&self, dst: Plane) -> Option<usize> {
+        match self {
+            Self::Winograd {
+                small: Some(small), ..
+            } => Some(small.group_tiles() / ((dst.h / small.tile()) * (dst.w / small.tile()))),
+            _ => None,
         }
     }
 }
@@ -84,6 +115,8 @@ pub struct Network {
     blocks: Vec<Block>,
     /// How many of `blocks` make the first stage.
     first_stage_blocks: usize,
+    /// Batches up to this size run the wide layers in F(2x2, 3x3).
+    small_batch_max: usize,
     /// `[classes][channels]`.
     fc_weight: Vec<f32>,
     fc_bias: Vec<f32>,
@@ -156,7 +189,8 @@ impl Reader<'_> {
 
 impl Network {
     /// Builds the plan for `spec` from tensors named as in the weights file.
-    /// `winograd`: compute the stride-1 3x3 convolutions with Winograd F(4x4, 3x3).
+    /// `winograd`: compute the stride-1 3x3 convolutions with Winograd (F(4x4, 3x3), and
+    /// F(2x2, 3x3) too for the wide layers at small batches).
     pub fn load(
         spec: &ModelSpec,
         tensors: &HashMap<String, Tensor>,
@@ -248,12 +282,19 @@ impl Network {
         }
         let channels = STAGE_CHANNELS[2];
         let classes = spec.num_classes;
+        let small_batch_max = blocks
+            .iter()
+            .flat_map(|b| [&b.conv1, &b.conv2].map(|conv| conv.small_batch_max(planes[b.output])))
+            .flatten()
+            .min()
+            .unwrap_or(0);
         Ok(Self {
             planes,
             stem,
             stem_output,
             blocks,
             first_stage_blocks: spec.blocks_per_stage,
+            small_batch_max,
             fc_weight: read.get("fc.weight", &[classes, channels])?,
             fc_bias: read.get("fc.bias", &[classes])?,
             classes,
@@ -267,6 +308,16 @@ impl Network {
 
     pub fn classes(&self) -> usize {
         self.classes
+    }
+
+    /// The plan of a forward pass of `n` images. The wide layers run in F(2x2, 3x3) when the
+    /// threads would split their output channels in it (batches of 1 and 2 for 64 channels),
+    /// and in F(4x4, 3x3) otherwise. It is decided from `n` alone, never from how the pass
+    /// shares its images out between threads, so that threading does not change the arithmetic.
+    pub fn pass(&self, n: usize) -> Pass {
+        Pass {
+            small_batch: n <= self.small_batch_max,
+        }
     }
 
     fn last_output(&self) -> usize {
@@ -328,12 +379,19 @@ impl Network {
         part: &impl Partition,
         scratch: &mut Scratch,
         io: Operands,
+        pass: Pass,
     ) {
         match layer {
             // SAFETY: same contract as ours.
             Conv3x3::Direct(layer) => unsafe { self.conv(layer, batch, part, io, true) },
-            // SAFETY: same contract as ours.
-            Conv3x3::Winograd(layer) => unsafe { self.winograd(layer, batch, part, scratch, io) },
+            Conv3x3::Winograd { large, small } => {
+                let layer = match small {
+                    Some(small) if pass.small_batch => small,
+                    _ => large,
+                };
+                // SAFETY: same contract as ours.
+                unsafe { self.winograd(layer, batch, part, scratch, io) }
+            }
         }
     }
 
@@ -353,16 +411,17 @@ impl Network {
         io: Operands,
     ) {
         let (src_plane, dst_plane) = (self.planes[io.src], self.planes[io.dst]);
-        let tiles_x = dst_plane.w / TILE;
-        let tiles = batch.len() * tiles_x * (dst_plane.h / TILE);
-        let wide = layer.filter_bytes() > SPLIT_CHANNELS_ABOVE_FILTER_BYTES;
+        let tile = layer.tile();
+        let tiles_x = dst_plane.w / tile;
+        let tiles = batch.len() * tiles_x * (dst_plane.h / tile);
+        let wide = layer.filter_bytes() >= SPLIT_CHANNELS_FROM_FILTER_BYTES;
         if wide && tiles <= layer.group_tiles() && layer.cout > layer.block() {
             // SAFETY: the caller's contract.
             unsafe { self.winograd_channels(layer, batch, part, scratch, io) };
             return;
         }
         // Whole tiles: a thread's band is a run of tile rows.
-        part.share(dst_plane.h / TILE, |band| {
+        part.share(dst_plane.h / tile, |band| {
             let rows_per_image = band.len();
             let per_group = (layer.group_tiles() / tiles_x).max(1);
             // Tile rows of all images, in order: (image, tile row); a group is a run of them.
@@ -397,7 +456,7 @@ impl Network {
                 }
                 layer.multiply(n, 0..layer.cout, scratch);
                 for (image, tiles, offset) in segments() {
-                    let rows = tiles.start * TILE..tiles.end * TILE;
+                    let rows = tiles.start * tile..tiles.end * tile;
                     let band = dst_plane.rows(&rows);
                     let bufs = &batch[image];
                     // SAFETY: these rows of `dst` are this thread's band, and nobody writes the
@@ -441,8 +500,8 @@ impl Network {
         io: Operands,
     ) {
         let (src_plane, dst_plane) = (self.planes[io.src], self.planes[io.dst]);
-        let tile_rows = dst_plane.h / TILE;
-        let per_image = tile_rows * (dst_plane.w / TILE);
+        let tile_rows = dst_plane.h / layer.tile();
+        let per_image = tile_rows * (dst_plane.w / layer.tile());
         let n = batch.len() * per_image;
         let rows = 0..dst_plane.h;
         let band = dst_plane.rows(&rows);
@@ -527,6 +586,7 @@ impl Network {
         batch: &[Shared<'_>],
         part: &impl Partition,
         scratch: &mut Scratch,
+        pass: Pass,
     ) {
         for block in blocks {
             let conv1 = Operands {
@@ -536,7 +596,7 @@ impl Network {
             };
             // SAFETY: conv1's phase reads the block input (complete after the sync) and writes
             // this thread's rows of `mid`, which nothing reads until the next sync.
-            unsafe { self.conv3x3(&block.conv1, batch, part, scratch, conv1) };
+            unsafe { self.conv3x3(&block.conv1, batch, part, scratch, conv1, pass) };
             let residual = match &block.shortcut {
                 ShortcutPlan::Identity => block.input,
                 ShortcutPlan::Projection { conv, buf } => {
@@ -564,7 +624,7 @@ impl Network {
             };
             // SAFETY: conv2's phase reads `mid` and the residual (both complete after the sync)
             // and writes this thread's rows of the block output, which neither of them is.
-            unsafe { self.conv3x3(&block.conv2, batch, part, scratch, conv2) };
+            unsafe { self.conv3x3(&block.conv2, batch, part, scratch, conv2, pass) };
             part.sync();
         }
     }
@@ -573,6 +633,7 @@ impl Network {
     /// i's buffers) through the network, layer by layer. Every thread of the partition calls
     /// this with the same arguments but its own `logits` (`n * classes`, scratch): the images
     /// whose classifier head this thread computes are handed to `deliver` with their logits.
+    /// `pass` is the forward pass's plan ([`Self::pass`]).
     ///
     /// The phases, separated by `sync`: input (writes INPUT), stem (INPUT -> stem output), then
     /// per block conv1 + shortcut (input -> mid, shortcut buffer) and conv2 (mid + residual ->
@@ -584,13 +645,17 @@ impl Network {
     ///
     /// # Safety
     /// The buffers behind `batch` are used, while this runs, only by the threads of `part`, each
-    /// calling `run_batch` with views of the same buffers and its own `part` of one partition
-    /// (for [`super::parallel::Alone`]: by this thread alone).
+    /// calling `run_batch` with views of the same buffers, the same `pass` (which decides how
+    /// many rows each layer shares out) and its own `part` of one partition (for
+    /// [`super::parallel::Alone`]: by this thread alone).
+    // Eight, each with its own role: a struct to bundle some would only be unpacked here.
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn run_batch(
         &self,
         images: &[f32],
         batch: &[Shared<'_>],
         part: &impl Partition,
+        pass: Pass,
         scratch: &mut Scratch,
         logits: &mut [f32],
         mut deliver: impl FnMut(Range<usize>, &[f32]),
@@ -607,11 +672,11 @@ impl Network {
             // SAFETY: the caller's contract, for this image's buffers.
             unsafe {
                 self.input_and_stem(image, bufs, part);
-                self.run_blocks(&self.blocks[..first_stage], bufs, part, scratch);
+                self.run_blocks(&self.blocks[..first_stage], bufs, part, scratch, pass);
             }
         }
         // SAFETY: the caller's contract.
-        unsafe { self.run_blocks(&self.blocks[first_stage..], batch, part, scratch) };
+        unsafe { self.run_blocks(&self.blocks[first_stage..], batch, part, scratch, pass) };
         let last = self.last_output();
         let classes = self.classes;
         assert_eq!(logits.len(), batch.len() * classes, "logits size");

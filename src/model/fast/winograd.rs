@@ -1,7 +1,9 @@
-//! Winograd F(4x4, 3x3) for stride-1 3x3 convolutions: each 6x6 input tile is transformed
-//! (`B^T d B`), multiplied position by position with the transformed filters (`G g G^T`, 36 small
-//! matrix products that reuse the SIMD convolution tiles), and transformed back (`A^T m A`) into a
-//! 4x4 output tile with bias, residual and ReLU fused. 2.25 multiplies per output instead of 9.
+//! Winograd F(4x4, 3x3) and F(2x2, 3x3) for stride-1 3x3 convolutions: each 6x6 (4x4) input
+//! tile is transformed (`B^T d B`), multiplied position by position with the transformed filters
+//! (`G g G^T`, 36 (16) small matrix products that reuse the SIMD convolution tiles), and
+//! transformed back (`A^T m A`) into a 4x4 (2x2) output tile with bias, residual and ReLU fused.
+//! F(4x4, 3x3) takes 2.25 multiplies per output instead of 9; F(2x2, 3x3) takes 4, but its
+//! transformed filters are 2.25x smaller, which is what counts when few tiles share them.
 //!
 //! The transforms are plain loops over channels-last pixels, written once and compiled for each
 //! instruction set (inlined into `#[target_feature]` wrappers, where they vectorise).
@@ -13,12 +15,47 @@ use super::kernels::{self, Kernel, RawGemm};
 use super::simd::{Isa, SimdLevel};
 use crate::model::fold::FoldedConv;
 
-/// Output tile side.
-pub const TILE: usize = 4;
-/// Input tile side.
-const ALPHA: usize = TILE + 2;
-/// Positions of the transformed tile.
-const POSITIONS: usize = ALPHA * ALPHA;
+/// A Winograd algorithm F(m x m, 3x3), named by its output tile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tiling {
+    /// F(4x4, 3x3): 6x6 input tiles, 36 positions.
+    F4,
+    /// F(2x2, 3x3): 4x4 input tiles, 16 positions.
+    F2,
+}
+
+impl Tiling {
+    /// Output tile side.
+    pub const fn tile(self) -> usize {
+        match self {
+            Self::F4 => 4,
+            Self::F2 => 2,
+        }
+    }
+
+    /// Input tile side.
+    const fn alpha(self) -> usize {
+        self.tile() + 2
+    }
+
+    /// Positions of the transformed tile.
+    const fn positions(self) -> usize {
+        self.alpha() * self.alpha()
+    }
+
+    /// `G` (`alpha x 3`), which transforms the filters.
+    fn g(self) -> &'static [[f64; 3]] {
+        match self {
+            Self::F4 => &G4,
+            Self::F2 => &G2,
+        }
+    }
+}
+
+/// The widest input tile of any tiling.
+const MAX_ALPHA: usize = Tiling::F4.alpha();
+/// The most positions of any tiling; bounds the scratch.
+const MAX_POSITIONS: usize = Tiling::F4.positions();
 /// Most tiles transformed together (possibly from several images); bounds the scratch.
 pub const MAX_GROUP_TILES: usize = 32;
 /// Widest layer the transforms are instantiated for.
@@ -37,7 +74,7 @@ const fn position_stride(n: usize, c: usize) -> usize {
 }
 
 /// `G` of F(4x4, 3x3) (interpolation points 0, 1, -1, 2, -2 and infinity).
-const G: [[f64; 3]; ALPHA] = [
+const G4: [[f64; 3]; 6] = [
     [1.0 / 4.0, 0.0, 0.0],
     [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
     [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
@@ -46,8 +83,16 @@ const G: [[f64; 3]; ALPHA] = [
     [0.0, 0.0, 1.0],
 ];
 
-/// Per-thread buffers for transformed tiles: `V` (`[36][tiles][cin]`) and `M` (`[36][tiles][cout]`),
-/// each position [`position_stride`] floats after the previous one.
+/// `G` of F(2x2, 3x3) (interpolation points 0, 1, -1 and infinity).
+const G2: [[f64; 3]; 4] = [
+    [1.0, 0.0, 0.0],
+    [0.5, 0.5, 0.5],
+    [0.5, -0.5, 0.5],
+    [0.0, 0.0, 1.0],
+];
+
+/// Per-thread buffers for transformed tiles: `V` (`[positions][tiles][cin]`) and `M`
+/// (`[positions][tiles][cout]`), each position [`position_stride`] floats after the previous one.
 #[derive(Debug)]
 pub struct Scratch {
     v: AlignedBuf,
@@ -56,7 +101,7 @@ pub struct Scratch {
 
 impl Default for Scratch {
     fn default() -> Self {
-        let len = POSITIONS * position_stride(MAX_GROUP_TILES, MAX_CHANNELS);
+        let len = MAX_POSITIONS * position_stride(MAX_GROUP_TILES, MAX_CHANNELS);
         Self {
             v: AlignedBuf::zeros(len),
             m: AlignedBuf::zeros(len),
@@ -67,7 +112,7 @@ impl Default for Scratch {
 type InputTransform = unsafe fn(&InputArgs<'_>, &mut [f32]);
 type OutputTransform = unsafe fn(&OutputArgs<'_>);
 
-/// Where tiles sit in a group of `n` tiles: `[36][n][channels]` (positions
+/// Where tiles sit in a group of `n` tiles: `[positions][n][channels]` (positions
 /// [`position_stride`] apart), these from index `offset`.
 #[derive(Debug, Clone, Copy)]
 struct Slot {
@@ -104,12 +149,13 @@ pub struct OutputArgs<'a> {
     relu: bool,
 }
 
-/// A stride-1 3x3 convolution with bias, computed with Winograd F(4x4, 3x3).
+/// A stride-1 3x3 convolution with bias, computed with Winograd F(4x4, 3x3) or F(2x2, 3x3).
 #[derive(Debug)]
 pub struct WinogradLayer {
     pub cin: usize,
     pub cout: usize,
-    /// `[36][cout / block][cin][block]` transformed filters, in the blocks of `gemm`.
+    tiling: Tiling,
+    /// `[positions][cout / block][cin][block]` transformed filters, in the blocks of `gemm`.
     u: AlignedBuf,
     block: usize,
     bias: AlignedBuf,
@@ -121,23 +167,28 @@ pub struct WinogradLayer {
     group_tiles: usize,
 }
 
-/// Whether F(4x4, 3x3) supports this convolution on a `h x w` image.
-pub fn supports(conv: &FoldedConv, stride: usize, h: usize, w: usize) -> bool {
+/// Whether `tiling` supports this convolution on a `h x w` image.
+pub fn supports(tiling: Tiling, conv: &FoldedConv, stride: usize, h: usize, w: usize) -> bool {
     let widths = |c| matches!(c, 16 | 32 | 64);
+    let tile = tiling.tile();
     conv.k == 3
         && stride == 1
         && widths(conv.cin)
         && widths(conv.cout)
-        && h.is_multiple_of(TILE)
-        && w.is_multiple_of(TILE)
-        && w / TILE <= MAX_GROUP_TILES
+        && h.is_multiple_of(tile)
+        && w.is_multiple_of(tile)
+        && w / tile <= MAX_GROUP_TILES
 }
 
 impl WinogradLayer {
-    /// Transforms the filters. `supports(conv, 1, h, w)` must hold.
-    pub fn new(conv: &FoldedConv, w: usize, level: SimdLevel) -> Self {
+    /// Transforms the filters. `supports(tiling, conv, 1, h, w)` must hold.
+    pub fn new(conv: &FoldedConv, w: usize, level: SimdLevel, tiling: Tiling) -> Self {
         let (cin, cout) = (conv.cin, conv.cout);
-        assert!(supports(conv, 1, TILE, w), "unsupported Winograd layer");
+        let (tile, alpha, positions) = (tiling.tile(), tiling.alpha(), tiling.positions());
+        assert!(
+            supports(tiling, conv, 1, tile, w),
+            "unsupported Winograd layer"
+        );
         let gemm = kernels::select_gemm(level, cin, cout);
         // The filters' layout is the kernel's: output channels in blocks (the portable kernel
         // reads whole rows).
@@ -145,23 +196,26 @@ impl WinogradLayer {
             Kernel::Simd(gemm) => gemm.block,
             Kernel::Scalar => cout,
         };
-        let mut u = AlignedBuf::zeros(POSITIONS * cin * cout);
+        let g_matrix = tiling.g();
+        let mut u = AlignedBuf::zeros(positions * cin * cout);
         let packed = u.as_mut_slice();
         for co in 0..cout {
             for ci in 0..cin {
                 let g = &conv.weight[(co * cin + ci) * 9..][..9];
                 // G g G^T in f64.
-                let mut gg = [[0.0f64; 3]; ALPHA];
-                for (i, row) in gg.iter_mut().enumerate() {
+                let mut gg = [[0.0f64; 3]; MAX_ALPHA];
+                for (i, row) in gg.iter_mut().take(alpha).enumerate() {
                     for (j, v) in row.iter_mut().enumerate() {
-                        *v = (0..3).map(|k| G[i][k] * f64::from(g[k * 3 + j])).sum();
+                        *v = (0..3)
+                            .map(|k| g_matrix[i][k] * f64::from(g[k * 3 + j]))
+                            .sum();
                     }
                 }
-                for i in 0..ALPHA {
-                    for j in 0..ALPHA {
-                        let v: f64 = (0..3).map(|k| gg[i][k] * G[j][k]).sum();
+                for i in 0..alpha {
+                    for j in 0..alpha {
+                        let v: f64 = (0..3).map(|k| gg[i][k] * g_matrix[j][k]).sum();
                         let (b, lane) = (co / block, co % block);
-                        packed[(i * ALPHA + j) * cin * cout + (b * cin + ci) * block + lane] =
+                        packed[(i * alpha + j) * cin * cout + (b * cin + ci) * block + lane] =
                             v as f32;
                     }
                 }
@@ -169,21 +223,28 @@ impl WinogradLayer {
         }
         let mut bias = AlignedBuf::zeros(cout);
         bias.as_mut_slice().copy_from_slice(&conv.bias);
-        // Wider layers have larger transformed filters (36 cin x cout): gather more tiles per
-        // multiplication so that each filter matrix is read from memory once for all of them.
-        let group_tiles = (8 * cin / 16).clamp(w / TILE, MAX_GROUP_TILES);
+        // Wider layers have larger transformed filters (positions x cin x cout): gather more
+        // tiles per multiplication so that each filter matrix is read from memory once for all
+        // of them.
+        let group_tiles = (8 * cin / 16).clamp(w / tile, MAX_GROUP_TILES);
         Self {
             cin,
             cout,
+            tiling,
             u,
             bias,
             zeros: AlignedBuf::zeros(cout),
-            input: input_transform_for(level, cin),
-            output: output_transform_for(level, cout),
+            input: input_transform_for(level, tiling, cin),
+            output: output_transform_for(level, tiling, cout),
             gemm,
             block,
             group_tiles,
         }
+    }
+
+    /// Output tile side: the layer's rows and columns go in runs of this many.
+    pub fn tile(&self) -> usize {
+        self.tiling.tile()
     }
 
     /// Tiles to gather before each [`Self::multiply`] (a whole number of tile rows).
@@ -213,18 +274,20 @@ impl WinogradLayer {
     ) {
         input.check(self.cin);
         let LayerInput { image, plane: src } = input;
+        let tile = self.tile();
         assert!(
-            tiles.end * TILE <= src.h && src.w.is_multiple_of(TILE),
+            tiles.end * tile <= src.h && src.w.is_multiple_of(tile),
             "tile rows"
         );
-        assert!(offset + tiles.len() * (src.w / TILE) <= n && n <= MAX_GROUP_TILES);
+        assert!(offset + tiles.len() * (src.w / tile) <= n && n <= MAX_GROUP_TILES);
         let args = InputArgs {
             input: image,
             src,
             tiles,
             slot: Slot { offset, n },
         };
-        let v = &mut scratch.v.as_mut_slice()[..POSITIONS * position_stride(n, self.cin)];
+        let positions = self.tiling.positions();
+        let v = &mut scratch.v.as_mut_slice()[..positions * position_stride(n, self.cin)];
         // SAFETY: the transform was selected for a `SimdLevel`, which exists only for an
         // instruction set this CPU has; it indexes slices, whose extents it checks once on entry.
         unsafe { (self.input)(&args, v) };
@@ -278,15 +341,17 @@ impl WinogradLayer {
             relu,
         } = out;
         self.check_channels(&channels);
+        let tile = self.tile();
         assert!(
-            rows.start.is_multiple_of(TILE) && rows.end.is_multiple_of(TILE),
+            rows.start.is_multiple_of(tile) && rows.end.is_multiple_of(tile),
             "whole tile rows"
         );
-        assert!(dst.w.is_multiple_of(TILE), "tile rows");
-        let tiles = rows.start / TILE..rows.end / TILE;
-        assert!(offset + tiles.len() * (dst.w / TILE) <= n && n <= MAX_GROUP_TILES);
+        assert!(dst.w.is_multiple_of(tile), "tile rows");
+        let tiles = rows.start / tile..rows.end / tile;
+        assert!(offset + tiles.len() * (dst.w / tile) <= n && n <= MAX_GROUP_TILES);
+        let positions = self.tiling.positions();
         let args = OutputArgs {
-            m: &scratch.m.as_slice()[..POSITIONS * position_stride(n, self.cout)],
+            m: &scratch.m.as_slice()[..positions * position_stride(n, self.cout)],
             out: band,
             out_len: len,
             tiles,
@@ -328,15 +393,16 @@ impl WinogradLayer {
         assert_eq!(rows, 0..dst.h, "whole image");
         // `output` and `residual` start at the first interior row.
         let first = dst.rows(&rows).start;
-        let tiles_x = dst.w / TILE;
+        let tile = self.tile();
+        let tiles_x = dst.w / tile;
         let rows_per_group = (self.group_tiles / tiles_x).max(1);
         let mut ty = 0;
-        while ty < dst.h / TILE {
-            let tiles = ty..(ty + rows_per_group).min(dst.h / TILE);
+        while ty < dst.h / tile {
+            let tiles = ty..(ty + rows_per_group).min(dst.h / tile);
             let n = tiles.len() * tiles_x;
             self.transform_input(input, tiles.clone(), (0, n), scratch);
             self.multiply(n, 0..self.cout, scratch);
-            let rows = tiles.start * TILE..tiles.end * TILE;
+            let rows = tiles.start * tile..tiles.end * tile;
             let band = dst.rows(&rows);
             let band = band.start - first..band.end - first;
             self.transform_output(
@@ -354,18 +420,19 @@ impl WinogradLayer {
         }
     }
 
-    /// `M[p] = V[p] U[p]` for the 36 positions of the `n` tiles in the scratch, output channels
+    /// `M[p] = V[p] U[p]` for the positions of the `n` tiles in the scratch, output channels
     /// `channels` (whole blocks; the rest of `M` is left as it was).
     pub fn multiply(&self, n: usize, channels: Range<usize>, scratch: &mut Scratch) {
         let (cin, cout) = (self.cin, self.cout);
         assert!(n <= MAX_GROUP_TILES, "group size");
         self.check_channels(&channels);
+        let positions = self.tiling.positions();
         let (v_stride, m_stride) = (position_stride(n, cin), position_stride(n, cout));
-        let v = &scratch.v.as_slice()[..POSITIONS * v_stride];
-        let m = &mut scratch.m.as_mut_slice()[..POSITIONS * m_stride];
+        let v = &scratch.v.as_slice()[..positions * v_stride];
+        let m = &mut scratch.m.as_mut_slice()[..positions * m_stride];
         match self.gemm {
             Kernel::Scalar => {
-                for p in 0..POSITIONS {
+                for p in 0..positions {
                     let u = &self.u.as_slice()[p * cin * cout..][..cin * cout];
                     for t in 0..n {
                         let x = &v[p * v_stride + t * cin..][..cin];
@@ -385,15 +452,15 @@ impl WinogradLayer {
                     u: self.u.as_slice().as_ptr(),
                     zeros: self.zeros.as_slice().as_ptr(),
                     m: m.as_mut_ptr(),
-                    positions: POSITIONS,
+                    positions,
                     tiles: n,
                     v_stride,
                     m_stride,
                     channels,
                 };
-                // SAFETY: selected for this CPU and (cin, cout); `v` holds 36 positions of
-                // `v_stride` floats, each n x cin from its start, and `m` 36 of `m_stride`
-                // floats, each n x cout (the slices above), `u` 36 x cin x cout in this kernel's
+                // SAFETY: selected for this CPU and (cin, cout); `v` holds `positions` of
+                // `v_stride` floats, each n x cin from its start, and `m` as many of `m_stride`
+                // floats, each n x cout (the slices above), `u` positions x cin x cout in this kernel's
                 // blocks (packed in `new`), `zeros` cout; `channels` are whole blocks (checked).
                 unsafe { (gemm.run)(&raw) };
             }
@@ -411,31 +478,59 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
-/// `B^T d` on six vectors of `L` channels.
+/// `B^T d` on `A` vectors of `L` channels: six for F(4x4, 3x3), four for F(2x2, 3x3).
 #[inline(always)]
-fn input_1d<const L: usize, const FMA: bool>(d: [&[f32; L]; ALPHA], t: &mut [[f32; L]; ALPHA]) {
-    for c in 0..L {
-        let [d0, d1, d2, d3, d4, d5] = [d[0][c], d[1][c], d[2][c], d[3][c], d[4][c], d[5][c]];
-        t[0][c] = madd::<FMA>(4.0, d0, madd::<FMA>(-5.0, d2, d4));
-        t[1][c] = madd::<FMA>(-4.0, d1 + d2, d3 + d4);
-        t[2][c] = madd::<FMA>(4.0, d1 - d2, d4 - d3);
-        let (e, f) = (d3 - d1, d4 - d2);
-        t[3][c] = madd::<FMA>(2.0, e, f);
-        t[4][c] = madd::<FMA>(-2.0, e, f);
-        t[5][c] = madd::<FMA>(4.0, d1, madd::<FMA>(-5.0, d3, d5));
+fn input_1d<const A: usize, const L: usize, const FMA: bool>(
+    d: [&[f32; L]; A],
+    t: &mut [[f32; L]; A],
+) {
+    // `A` is a constant of each instantiation, so one branch remains, with constant indices.
+    let (d, t) = (&d[..], &mut t[..]);
+    if A == 6 {
+        for c in 0..L {
+            let [d0, d1, d2, d3, d4, d5] = [d[0][c], d[1][c], d[2][c], d[3][c], d[4][c], d[5][c]];
+            t[0][c] = madd::<FMA>(4.0, d0, madd::<FMA>(-5.0, d2, d4));
+            t[1][c] = madd::<FMA>(-4.0, d1 + d2, d3 + d4);
+            t[2][c] = madd::<FMA>(4.0, d1 - d2, d4 - d3);
+            let (e, f) = (d3 - d1, d4 - d2);
+            t[3][c] = madd::<FMA>(2.0, e, f);
+            t[4][c] = madd::<FMA>(-2.0, e, f);
+            t[5][c] = madd::<FMA>(4.0, d1, madd::<FMA>(-5.0, d3, d5));
+        }
+    } else {
+        for c in 0..L {
+            let [d0, d1, d2, d3] = [d[0][c], d[1][c], d[2][c], d[3][c]];
+            t[0][c] = d0 - d2;
+            t[1][c] = d1 + d2;
+            t[2][c] = d2 - d1;
+            t[3][c] = d1 - d3;
+        }
     }
 }
 
-/// `A^T m` on six vectors of `L` channels, to four.
+/// `A^T m` on `A` vectors of `L` channels, to `M`: six to four for F(4x4, 3x3), four to two for
+/// F(2x2, 3x3).
 #[inline(always)]
-fn output_1d<const L: usize, const FMA: bool>(m: [&[f32; L]; ALPHA], o: &mut [[f32; L]; TILE]) {
-    for c in 0..L {
-        let [m0, m1, m2, m3, m4, m5] = [m[0][c], m[1][c], m[2][c], m[3][c], m[4][c], m[5][c]];
-        let (a, b, s, d) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
-        o[0][c] = m0 + a + s;
-        o[1][c] = madd::<FMA>(2.0, d, b);
-        o[2][c] = madd::<FMA>(4.0, s, a);
-        o[3][c] = madd::<FMA>(8.0, d, b + m5);
+fn output_1d<const A: usize, const M: usize, const L: usize, const FMA: bool>(
+    m: [&[f32; L]; A],
+    o: &mut [[f32; L]; M],
+) {
+    let (m, o) = (&m[..], &mut o[..]);
+    if A == 6 {
+        for c in 0..L {
+            let [m0, m1, m2, m3, m4, m5] = [m[0][c], m[1][c], m[2][c], m[3][c], m[4][c], m[5][c]];
+            let (a, b, s, d) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
+            o[0][c] = m0 + a + s;
+            o[1][c] = madd::<FMA>(2.0, d, b);
+            o[2][c] = madd::<FMA>(4.0, s, a);
+            o[3][c] = madd::<FMA>(8.0, d, b + m5);
+        }
+    } else {
+        for c in 0..L {
+            let [m0, m1, m2, m3] = [m[0][c], m[1][c], m[2][c], m[3][c]];
+            o[0][c] = m0 + m1 + m2;
+            o[1][c] = m1 - m2 - m3;
+        }
     }
 }
 
@@ -473,69 +568,61 @@ unsafe fn store<const L: usize>(s: &mut [f32], at: usize, values: &[f32; L]) {
 }
 
 /// `V = B^T d B` for every tile of the tile rows `a.tiles`, `L` channels at a time (one
-/// register's worth, so that a tile's 36 vectors stay in registers and the first cache level).
+/// register's worth, so that a tile's `A x A` vectors stay in registers and the first cache
+/// level). `M` is the output tile's side, `A = M + 2` the input tile's.
 #[inline(always)]
-fn input_transform<const C: usize, const L: usize, const FMA: bool>(
+fn input_transform<
+    const M: usize,
+    const A: usize,
+    const C: usize,
+    const L: usize,
+    const FMA: bool,
+>(
     a: &InputArgs<'_>,
     v: &mut [f32],
 ) {
-    let tiles_x = a.src.w / TILE;
+    const { assert!(A == M + 2) };
+    let tiles_x = a.src.w / M;
     let Slot { offset, n } = a.slot;
     if a.tiles.is_empty() {
         return;
     }
     // The extent of every access below: the last tile's last input pixel, and the last position
     // of the last tile in V.
-    assert!(C.is_multiple_of(L) && a.src.c == C && a.src.w.is_multiple_of(TILE));
+    assert!(C.is_multiple_of(L) && a.src.c == C && a.src.w.is_multiple_of(M));
     let last_tile = offset + a.tiles.len() * tiles_x - 1;
     let stride = position_stride(n, C);
-    assert!(last_tile < n && POSITIONS * stride <= v.len(), "V extent");
+    assert!(last_tile < n && A * A * stride <= v.len(), "V extent");
     assert!(
-        (TILE * (a.tiles.end - 1) + ALPHA) * a.src.row_len() <= a.input.len()
-            && TILE * (tiles_x - 1) + ALPHA <= a.src.w + 2,
+        (M * (a.tiles.end - 1) + A) * a.src.row_len() <= a.input.len()
+            && M * (tiles_x - 1) + A <= a.src.w + 2,
         "input extent"
     );
-    let mut cols = [[[0.0f32; L]; ALPHA]; ALPHA];
-    let mut row = [[0.0f32; L]; ALPHA];
+    let mut cols = [[[0.0f32; L]; A]; A];
+    let mut row = [[0.0f32; L]; A];
     for (t_row, ty) in a.tiles.clone().enumerate() {
         for tx in 0..tiles_x {
             let t = offset + t_row * tiles_x + tx;
-            // The tile's input starts one pixel above and left of its output: bordered (4ty, 4tx).
-            let base = TILE * ty * a.src.row_len() + TILE * tx * C;
+            // The tile's input starts one pixel above and left of its output: bordered (M ty,
+            // M tx).
+            let base = M * ty * a.src.row_len() + M * tx * C;
             for c in (0..C).step_by(L) {
                 for (j, col) in cols.iter_mut().enumerate() {
                     let at = base + j * C + c;
                     let r = a.src.row_len();
-                    let x = a.input;
-                    // SAFETY: rows 4ty..4ty+6 and columns 4tx..4tx+6 of the bordered input are
-                    // within the extent asserted above.
-                    let d = unsafe {
-                        [
-                            lanes::<L>(x, at),
-                            lanes::<L>(x, at + r),
-                            lanes::<L>(x, at + 2 * r),
-                            lanes::<L>(x, at + 3 * r),
-                            lanes::<L>(x, at + 4 * r),
-                            lanes::<L>(x, at + 5 * r),
-                        ]
-                    };
-                    input_1d::<L, FMA>(d, col);
+                    // SAFETY: rows M ty..M ty + A and columns M tx..M tx + A of the bordered
+                    // input are within the extent asserted above.
+                    let d = std::array::from_fn(|k| unsafe { lanes::<L>(a.input, at + k * r) });
+                    input_1d::<A, L, FMA>(d, col);
                 }
-                // Row i gathers element i of the six transformed columns.
+                // Row i gathers element i of the transformed columns.
                 #[allow(clippy::needless_range_loop)]
-                for i in 0..ALPHA {
-                    let t_i = [
-                        &cols[0][i],
-                        &cols[1][i],
-                        &cols[2][i],
-                        &cols[3][i],
-                        &cols[4][i],
-                        &cols[5][i],
-                    ];
-                    input_1d::<L, FMA>(t_i, &mut row);
+                for i in 0..A {
+                    let t_i = std::array::from_fn(|j| &cols[j][i]);
+                    input_1d::<A, L, FMA>(t_i, &mut row);
                     for (j, r) in row.iter().enumerate() {
-                        let at = (i * ALPHA + j) * stride + t * C + c;
-                        // SAFETY: position < 36, tile t < n, channel c + L <= C: inside V.
+                        let at = (i * A + j) * stride + t * C + c;
+                        // SAFETY: position < A x A, tile t < n, channel c + L <= C: inside V.
                         unsafe { store::<L>(v, at, r) };
                     }
                 }
@@ -544,25 +631,32 @@ fn input_transform<const C: usize, const L: usize, const FMA: bool>(
     }
 }
 
-/// `Y = A^T M A` + bias (+ residual), ReLU, into channels `a.channels` of the 4x4 output tiles of
-/// tile rows `a.tiles`; `a.out` holds exactly the bordered rows of those tiles. `L` channels at a
-/// time.
+/// `Y = A^T M A` + bias (+ residual), ReLU, into channels `a.channels` of the `M x M` output tiles
+/// of tile rows `a.tiles`; `a.out` holds exactly the bordered rows of those tiles. `L` channels at
+/// a time; `A = M + 2` is the input tile's side.
 ///
 /// # Safety
 /// `a.out` is valid for reads and writes of `a.out_len` floats, and no other thread accesses
 /// channels `a.channels` of them during the call.
 #[inline(always)]
-unsafe fn output_transform<const C: usize, const L: usize, const FMA: bool>(a: &OutputArgs<'_>) {
-    let tiles_x = a.dst.w / TILE;
+unsafe fn output_transform<
+    const M: usize,
+    const A: usize,
+    const C: usize,
+    const L: usize,
+    const FMA: bool,
+>(
+    a: &OutputArgs<'_>,
+) {
+    const { assert!(A == M + 2) };
+    let tiles_x = a.dst.w / M;
     let Slot { offset, n } = a.slot;
     if a.tiles.is_empty() {
         return;
     }
     // The extent of every access below: M's last position of the last tile, and the last pixel
     // of the band in the output and residual.
-    assert!(
-        C.is_multiple_of(L) && a.dst.c == C && a.dst.w.is_multiple_of(TILE) && a.bias.len() >= C
-    );
+    assert!(C.is_multiple_of(L) && a.dst.c == C && a.dst.w.is_multiple_of(M) && a.bias.len() >= C);
     let channels = a.channels.clone();
     assert!(
         channels.end <= C && channels.start.is_multiple_of(L) && channels.end.is_multiple_of(L),
@@ -570,59 +664,43 @@ unsafe fn output_transform<const C: usize, const L: usize, const FMA: bool>(a: &
     );
     let stride = position_stride(n, C);
     assert!(
-        offset + a.tiles.len() * tiles_x <= n && POSITIONS * stride <= a.m.len(),
+        offset + a.tiles.len() * tiles_x <= n && A * A * stride <= a.m.len(),
         "M extent"
     );
-    let band_len = TILE * a.tiles.len() * a.dst.row_len();
+    let band_len = M * a.tiles.len() * a.dst.row_len();
     assert!(band_len <= a.out_len, "output extent");
     assert!(
         a.residual.is_none_or(|r| r.len() == a.out_len),
         "residual extent"
     );
-    let mut cols = [[[0.0f32; L]; TILE]; ALPHA];
-    let mut row = [[0.0f32; L]; TILE];
+    let mut cols = [[[0.0f32; L]; M]; A];
+    let mut row = [[0.0f32; L]; M];
     for (t_row, ty) in a.tiles.clone().enumerate() {
         for tx in 0..tiles_x {
             let t = offset + t_row * tiles_x + tx;
             for c in channels.clone().step_by(L) {
                 for (j, col) in cols.iter_mut().enumerate() {
-                    // Position (i, j) lies ALPHA strides after (i - 1, j).
-                    let (at, step) = (j * stride + t * C + c, ALPHA * stride);
-                    // SAFETY: positions (0..6, j) of tile t < n, channels c..c+L <= C: inside M.
-                    let m = unsafe {
-                        [
-                            lanes::<L>(a.m, at),
-                            lanes::<L>(a.m, at + step),
-                            lanes::<L>(a.m, at + 2 * step),
-                            lanes::<L>(a.m, at + 3 * step),
-                            lanes::<L>(a.m, at + 4 * step),
-                            lanes::<L>(a.m, at + 5 * step),
-                        ]
-                    };
-                    output_1d::<L, FMA>(m, col);
+                    // Position (i, j) lies A strides after (i - 1, j).
+                    let (at, step) = (j * stride + t * C + c, A * stride);
+                    // SAFETY: positions (0..A, j) of tile t < n, channels c..c+L <= C: inside M.
+                    let m = std::array::from_fn(|i| unsafe { lanes::<L>(a.m, at + i * step) });
+                    output_1d::<A, M, L, FMA>(m, col);
                 }
                 // SAFETY: c + L <= C <= bias length (asserted).
                 let bias = unsafe { lanes::<L>(a.bias, c) };
-                // Output row r gathers element r of the six transformed columns.
+                // Output row r gathers element r of the transformed columns.
                 #[allow(clippy::needless_range_loop)]
-                for r in 0..TILE {
-                    let s_r = [
-                        &cols[0][r],
-                        &cols[1][r],
-                        &cols[2][r],
-                        &cols[3][r],
-                        &cols[4][r],
-                        &cols[5][r],
-                    ];
-                    output_1d::<L, FMA>(s_r, &mut row);
-                    let y = TILE * (ty - a.tiles.start) + r;
-                    for (x, values) in (TILE * tx..TILE * tx + TILE).zip(&row) {
+                for r in 0..M {
+                    let s_r = std::array::from_fn(|j| &cols[j][r]);
+                    output_1d::<A, M, L, FMA>(s_r, &mut row);
+                    let y = M * (ty - a.tiles.start) + r;
+                    for (x, values) in (M * tx..M * tx + M).zip(&row) {
                         let at = y * a.dst.row_len() + (x + 1) * C + c;
                         let mut o = [0.0f32; L];
                         for k in 0..L {
                             o[k] = values[k] + bias[k];
                         }
-                        // SAFETY (residual read and output write): row y < 4 x tile rows and
+                        // SAFETY (residual read and output write): row y < M x tile rows and
                         // column x + 1 <= w, so `at + L` is within the asserted band.
                         if let Some(res) = a.residual {
                             // SAFETY: as above, `at + L` is within the residual's band.
@@ -651,15 +729,18 @@ macro_rules! instantiate {
         /// # Safety
         /// The CPU supports the wrapper's target features.
         $(#[target_feature(enable = $features)])?
-        unsafe fn $input<const C: usize>(a: &InputArgs<'_>, v: &mut [f32]) {
-            input_transform::<C, $lanes, $fma>(a, v)
+        unsafe fn $input<const M: usize, const A: usize, const C: usize>(
+            a: &InputArgs<'_>,
+            v: &mut [f32],
+        ) {
+            input_transform::<M, A, C, $lanes, $fma>(a, v)
         }
         /// # Safety
         /// The CPU supports the wrapper's target features, and as for [`output_transform`].
         $(#[target_feature(enable = $features)])?
-        unsafe fn $output<const C: usize>(a: &OutputArgs<'_>) {
+        unsafe fn $output<const M: usize, const A: usize, const C: usize>(a: &OutputArgs<'_>) {
             // SAFETY: the caller's contract.
-            unsafe { output_transform::<C, $lanes, $fma>(a) }
+            unsafe { output_transform::<M, A, C, $lanes, $fma>(a) }
         }
     };
 }
@@ -671,33 +752,37 @@ instantiate!(input_avx2, output_avx2, 8, true, "avx2,fma");
 #[cfg(target_arch = "x86_64")]
 instantiate!(input_avx512, output_avx512, 16, true, "avx512f,avx2,fma");
 
-macro_rules! by_width {
-    ($f:ident, $c:expr) => {
-        match $c {
-            16 => $f::<16> as _,
-            32 => $f::<32> as _,
-            _ => $f::<64> as _,
+/// The instance of transform `$f` for a tiling and a channel width.
+macro_rules! by_shape {
+    ($f:ident, $tiling:expr, $c:expr) => {
+        match ($tiling, $c) {
+            (Tiling::F4, 16) => $f::<4, 6, 16> as _,
+            (Tiling::F4, 32) => $f::<4, 6, 32> as _,
+            (Tiling::F4, _) => $f::<4, 6, 64> as _,
+            (Tiling::F2, 16) => $f::<2, 4, 16> as _,
+            (Tiling::F2, 32) => $f::<2, 4, 32> as _,
+            (Tiling::F2, _) => $f::<2, 4, 64> as _,
         }
     };
 }
 
-fn input_transform_for(level: SimdLevel, c: usize) -> InputTransform {
+fn input_transform_for(level: SimdLevel, tiling: Tiling, c: usize) -> InputTransform {
     match level.isa() {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => by_width!(input_avx512, c),
+        Isa::Avx512 => by_shape!(input_avx512, tiling, c),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => by_width!(input_avx2, c),
-        _ => by_width!(input_scalar, c),
+        Isa::Avx2 => by_shape!(input_avx2, tiling, c),
+        _ => by_shape!(input_scalar, tiling, c),
     }
 }
 
-fn output_transform_for(level: SimdLevel, c: usize) -> OutputTransform {
+fn output_transform_for(level: SimdLevel, tiling: Tiling, c: usize) -> OutputTransform {
     match level.isa() {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => by_width!(output_avx512, c),
+        Isa::Avx512 => by_shape!(output_avx512, tiling, c),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => by_width!(output_avx2, c),
-        _ => by_width!(output_scalar, c),
+        Isa::Avx2 => by_shape!(output_avx2, tiling, c),
+        _ => by_shape!(output_scalar, tiling, c),
     }
 }
 
@@ -706,8 +791,16 @@ mod tests {
     use super::*;
     use crate::model::fast::testing::{image, noise, reference};
 
-    /// Every level the CPU has, every channel width, one and several tile rows per group, with
-    /// and without residual and ReLU, against the definition of the convolution.
+    const TILINGS: [Tiling; 2] = [Tiling::F4, Tiling::F2];
+
+    fn with_every_level(tiling: Tiling) -> impl Iterator<Item = (Tiling, SimdLevel)> {
+        SimdLevel::supported()
+            .into_iter()
+            .map(move |level| (tiling, level))
+    }
+
+    /// Both tilings, every level the CPU has, every channel width, one and several tile rows per
+    /// group, with and without residual and ReLU, against the definition of the convolution.
     #[test]
     fn winograd_matches_the_definition_on_random_data() {
         let shapes = [
@@ -727,12 +820,12 @@ mod tests {
                 weight: noise(cout * cin * 9, 200 + i as u64),
                 bias: noise(cout, 300 + i as u64),
             };
-            assert!(supports(&conv, 1, h, w));
             let (src, dst) = (Plane::new(h, w, cin), Plane::new(h, w, cout));
             let input = image(src, 400 + i as u64);
             let residual = image(dst, 500 + i as u64);
-            for level in SimdLevel::supported() {
-                let layer = WinogradLayer::new(&conv, w, level);
+            for (tiling, level) in TILINGS.into_iter().flat_map(with_every_level) {
+                assert!(supports(tiling, &conv, 1, h, w));
+                let layer = WinogradLayer::new(&conv, w, level, tiling);
                 let mut scratch = Scratch::default();
                 for (res, relu) in [(None, false), (Some(&residual[..]), true)] {
                     let mut got = vec![0.0; dst.floats()];
@@ -758,7 +851,7 @@ mod tests {
                     for (j, (g, e)) in got.iter().zip(&want).enumerate() {
                         assert!(
                             (g - e).abs() <= 1e-4 * scale,
-                            "{level} {:?}: at {j} got {g}, want {e} (scale {scale})",
+                            "{tiling:?} {level} {:?}: at {j} got {g}, want {e} (scale {scale})",
                             shapes[i]
                         );
                     }
@@ -784,9 +877,13 @@ mod tests {
             let input = image(src, 800 + i as u64);
             let residual = image(dst, 900 + i as u64);
             let band = dst.rows(&(0..h));
-            let n = (h / TILE) * (w / TILE);
-            for level in SimdLevel::supported() {
-                let layer = WinogradLayer::new(&conv, w, level);
+            for (tiling, level) in TILINGS.into_iter().flat_map(with_every_level) {
+                let tile = tiling.tile();
+                let n = (h / tile) * (w / tile);
+                if n > MAX_GROUP_TILES {
+                    continue;
+                }
+                let layer = WinogradLayer::new(&conv, w, level, tiling);
                 let mut scratch = Scratch::default();
                 let mut whole = vec![0.0; dst.floats()];
                 layer.run(
@@ -808,7 +905,7 @@ mod tests {
                     plane: src,
                 };
                 let mut scratch = Scratch::default();
-                layer.transform_input(input, 0..h / TILE, (0, n), &mut scratch);
+                layer.transform_input(input, 0..h / tile, (0, n), &mut scratch);
                 let mut split = vec![0.0; dst.floats()];
                 let block = layer.block();
                 let mut done = vec![false; c];
@@ -829,7 +926,11 @@ mod tests {
                     done[channels].fill(true);
                     for (j, (got, want)) in split.iter().zip(&whole).enumerate() {
                         let expected = if done[j % c] { *want } else { 0.0 };
-                        assert_eq!(got.to_bits(), expected.to_bits(), "{level} {c}: float {j}");
+                        assert_eq!(
+                            got.to_bits(),
+                            expected.to_bits(),
+                            "{tiling:?} {level} {c}: float {j}"
+                        );
                     }
                 }
             }
@@ -845,10 +946,15 @@ mod tests {
             weight: vec![0.0; cout * cin * k * k],
             bias: vec![0.0; cout],
         };
-        assert!(supports(&conv(16, 16, 3), 1, 32, 32));
-        assert!(!supports(&conv(16, 16, 3), 2, 32, 32));
-        assert!(!supports(&conv(16, 16, 1), 1, 32, 32));
-        assert!(!supports(&conv(3, 16, 3), 1, 32, 32));
-        assert!(!supports(&conv(16, 16, 3), 1, 30, 32));
+        for tiling in TILINGS {
+            assert!(supports(tiling, &conv(16, 16, 3), 1, 32, 32));
+            assert!(!supports(tiling, &conv(16, 16, 3), 2, 32, 32));
+            assert!(!supports(tiling, &conv(16, 16, 1), 1, 32, 32));
+            assert!(!supports(tiling, &conv(3, 16, 3), 1, 32, 32));
+            assert!(!supports(tiling, &conv(16, 16, 3), 1, 31, 32));
+        }
+        // Whole output tiles only.
+        assert!(!supports(Tiling::F4, &conv(16, 16, 3), 1, 30, 32));
+        assert!(supports(Tiling::F2, &conv(16, 16, 3), 1, 30, 32));
     }
 }

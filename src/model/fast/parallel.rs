@@ -32,14 +32,17 @@ const CLAIMS_PER_MEMBER: usize = 2;
 /// # Safety
 /// The network writes shared buffers from several threads on the strength of this trait, so an
 /// implementation must guarantee, for the threads that share one partition (one value per
-/// thread), provided each of them makes the same sequence of `share` calls (the same `n`s) with
-/// `sync`s at the same places: the ranges `share` hands to `compute`, over all threads, are
-/// disjoint and together cover `0..n`; `sync` returns only after every range handed out before
+/// thread), provided each of them makes the same sequence of `share` and `share_once` calls (the
+/// same methods with the same `n`s) with `sync`s at the same places: the ranges either hands to
+/// `compute`, over all threads, are disjoint and together cover `0..n`; `sync` returns only after every range handed out before
 /// it, by any thread, has been computed (its `compute` returned), with everything written there
 /// visible to the caller.
 pub unsafe trait Partition {
     /// Runs `compute` on this thread's share of the `n` rows of the current layer.
     fn share(&self, n: usize, compute: impl FnMut(Range<usize>));
+    /// [`Self::share`] in one claim per thread, for layers where every claim has a cost of its
+    /// own, whatever its size: a Winograd group reads all of the layer's filters.
+    fn share_once(&self, n: usize, compute: impl FnMut(Range<usize>));
     /// Waits until every row shared so far has been computed.
     fn sync(&self);
 }
@@ -54,6 +57,9 @@ unsafe impl Partition for Alone {
         if n > 0 {
             compute(0..n);
         }
+    }
+    fn share_once(&self, n: usize, compute: impl FnMut(Range<usize>)) {
+        self.share(n, compute);
     }
     fn sync(&self) {}
 }
@@ -189,7 +195,20 @@ impl<'a> Member<'a> {
 // only after computing them, with release ordering matched by `wait_for`'s acquire. Rows of
 // later layers cannot be counted before (their members passed the same `sync` first).
 unsafe impl Partition for Member<'_> {
-    fn share(&self, n: usize, mut compute: impl FnMut(Range<usize>)) {
+    fn share(&self, n: usize, compute: impl FnMut(Range<usize>)) {
+        self.claim_layer(n, CLAIMS_PER_MEMBER, compute);
+    }
+    fn share_once(&self, n: usize, compute: impl FnMut(Range<usize>)) {
+        self.claim_layer(n, 1, compute);
+    }
+    fn sync(&self) {
+        self.work.wait_for(self.rows.get());
+    }
+}
+
+impl Member<'_> {
+    /// The next layer's `n` rows, claimed in chunks of about `n / (claims * members)`.
+    fn claim_layer(&self, n: usize, claims: usize, mut compute: impl FnMut(Range<usize>)) {
         assert!(
             u32::try_from(n).is_ok(),
             "rows are claimed as 32-bit counts"
@@ -197,15 +216,12 @@ unsafe impl Partition for Member<'_> {
         let layer = self.layers.get() + 1;
         self.layers.set(layer);
         self.rows.set(self.rows.get() + n);
-        let grain = n.div_ceil(CLAIMS_PER_MEMBER * self.work.members).max(1);
+        let grain = n.div_ceil(claims * self.work.members).max(1);
         while let Some(rows) = self.work.claim(layer, n, grain) {
             let count = rows.len();
             compute(rows);
             self.work.finish(count);
         }
-    }
-    fn sync(&self) {
-        self.work.wait_for(self.rows.get());
     }
 }
 

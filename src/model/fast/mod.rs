@@ -247,7 +247,7 @@ impl FastResNet {
         };
         let team = team.share();
         let team_work = TeamWork::new(threads);
-        let work = |space: &mut ThreadSpace| {
+        let work = |index: usize, space: &mut ThreadSpace| {
             let _release_team = BreakOnPanic(&team_work);
             let ThreadSpace {
                 images: bufs,
@@ -277,7 +277,7 @@ impl FastResNet {
                 };
             }
             // Every member goes through the same images, so the same layers.
-            let part = Member::new(&team_work);
+            let part = Member::new(&team_work, index);
             for i in whole..n {
                 // SAFETY: the team buffers are used only by the members of this team, each
                 // running this same loop over the same images, with the same `pass`, with its
@@ -313,7 +313,7 @@ impl FastResNet {
                 .get(index)
                 .and_then(|slot| slot.lock().unwrap_or_else(|p| p.into_inner()).take());
             if let Some(space) = space {
-                work(space);
+                work(index, space);
             }
         };
         if active > 1 {

@@ -3,7 +3,7 @@
 //! for the rows of a layer to be finished.
 //!
 //! A team does not wait for its members to arrive, only for the rows they took: rows are claimed
-//! a few at a time from a shared counter, and a layer is complete when all its rows are
+//! a few at a time from either end of a shared range, and a layer is complete when all its rows are
 //! finished, whoever computed them. A member that starts late (woken late, or preempted) finds
 //! the early layers finished and skips them, and one that never starts leaves its share to the
 //! others. With a barrier per layer instead, every one of an image's ~56 layers waited for the
@@ -64,13 +64,20 @@ unsafe impl Partition for Alone {
     fn sync(&self) {}
 }
 
+/// Bits of [`TeamWork::claims`] for the rows of a layer: its first and last unclaimed row.
+const ROW_BITS: u32 = 20;
+const ROW_MASK: u64 = (1 << ROW_BITS) - 1;
+/// Bits for the layer: more than a pass of one image per member at [`super::MAX_THREADS`].
+const LAYER_BITS: u32 = 64 - 2 * ROW_BITS;
+
 /// What the members of a team share for one forward pass: which rows are taken, how many are
 /// finished, and how to sleep until more are. Made afresh for every pass.
 #[derive(Debug)]
 pub struct TeamWork {
     members: usize,
     /// The layer being claimed (counted from 1 in each member's sequence of `share` calls) in
-    /// the high 32 bits, its next unclaimed row in the low 32.
+    /// the high [`LAYER_BITS`], then the first and one past the last of its unclaimed rows
+    /// ([`ROW_BITS`] each): members claim from the front or the back ([`Member::new`]).
     claims: AtomicU64,
     /// Rows finished in this pass, over all layers.
     finished: AtomicUsize,
@@ -104,32 +111,41 @@ impl TeamWork {
         }
     }
 
-    /// The next `grain` rows (fewer at the end) of layer `layer`, which has `n`; `None` once
-    /// they are all taken.
-    fn claim(&self, layer: u64, n: usize, grain: usize) -> Option<Range<usize>> {
+    /// The next `grain` rows (fewer when fewer are left) of layer `layer`, which has `n`, from
+    /// the front or the back of those left; `None` once they are all taken.
+    fn claim(&self, layer: u64, n: usize, grain: usize, back: bool) -> Option<Range<usize>> {
         // Relaxed: the counter only has to hand every row out once (the atomicity of the
         // exchange does that); what the rows' computation reads is ordered by `finished`.
         let mut current = self.claims.load(Ordering::Relaxed);
         loop {
-            let (claiming, next) = (current >> 32, (current & u64::from(u32::MAX)) as usize);
-            let start = match claiming.cmp(&layer) {
+            let claiming = current >> (2 * ROW_BITS);
+            let left = match claiming.cmp(&layer) {
                 // A member moves on to a layer only once it found the previous ones all taken.
                 std::cmp::Ordering::Greater => return None,
-                std::cmp::Ordering::Less => 0,
-                std::cmp::Ordering::Equal => next,
+                std::cmp::Ordering::Less => 0..n,
+                std::cmp::Ordering::Equal => {
+                    (current >> ROW_BITS & ROW_MASK) as usize..(current & ROW_MASK) as usize
+                }
             };
-            if start >= n {
+            if left.is_empty() {
                 return None;
             }
-            let end = (start + grain).min(n);
-            let claimed = (layer << 32) | end as u64;
+            let (rows, left) = if back {
+                let start = left.end.saturating_sub(grain).max(left.start);
+                (start..left.end, left.start..start)
+            } else {
+                let end = (left.start + grain).min(left.end);
+                (left.start..end, end..left.end)
+            };
+            let claimed =
+                layer << (2 * ROW_BITS) | (left.start as u64) << ROW_BITS | left.end as u64;
             match self.claims.compare_exchange_weak(
                 current,
                 claimed,
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => return Some(start..end),
+                Ok(_) => return Some(rows),
                 Err(now) => current = now,
             }
         }
@@ -175,14 +191,22 @@ pub struct Member<'a> {
     layers: Cell<u64>,
     /// Rows of those layers: what `sync` waits to see finished.
     rows: Cell<usize>,
+    /// Claims rows from the back of those left, not the front.
+    from_back: bool,
 }
 
 impl<'a> Member<'a> {
-    pub fn new(work: &'a TeamWork) -> Self {
+    /// Member `index` of a team (any numbering). Even members claim rows from the front of
+    /// each layer, odd ones from the back, so that with two threads each computes the same
+    /// part of every layer, whichever claims first, and reads mostly the rows it wrote itself
+    /// the layer before, from its own core's cache. (Claimed in one sequence, the first to
+    /// claim took the front, and the next layer read what the other core had written.)
+    pub fn new(work: &'a TeamWork, index: usize) -> Self {
         Self {
             work,
             layers: Cell::new(0),
             rows: Cell::new(0),
+            from_back: index % 2 == 1,
         }
     }
 }
@@ -210,14 +234,18 @@ impl Member<'_> {
     /// The next layer's `n` rows, claimed in chunks of about `n / (claims * members)`.
     fn claim_layer(&self, n: usize, claims: usize, mut compute: impl FnMut(Range<usize>)) {
         assert!(
-            u32::try_from(n).is_ok(),
-            "rows are claimed as 32-bit counts"
+            n as u64 <= ROW_MASK,
+            "rows are claimed as {ROW_BITS}-bit counts"
         );
         let layer = self.layers.get() + 1;
+        assert!(
+            layer < 1 << LAYER_BITS,
+            "layers are counted in {LAYER_BITS} bits"
+        );
         self.layers.set(layer);
         self.rows.set(self.rows.get() + n);
         let grain = n.div_ceil(claims * self.work.members).max(1);
-        while let Some(rows) = self.work.claim(layer, n, grain) {
+        while let Some(rows) = self.work.claim(layer, n, grain, self.from_back) {
             let count = rows.len();
             compute(rows);
             self.work.finish(count);
@@ -409,7 +437,7 @@ mod tests {
                         if index >= members - late {
                             std::thread::sleep(delay);
                         }
-                        let member = Member::new(work);
+                        let member = Member::new(work, index);
                         for (layer, &n) in layers.iter().enumerate() {
                             member.share(n, |rows| {
                                 if let Some(previous) = layer.checked_sub(1) {
@@ -450,6 +478,39 @@ mod tests {
         }
     }
 
+    /// With two members that both take part, each computes the same half of every layer,
+    /// whichever claims first: the rows it reads next were written by its own core.
+    #[test]
+    fn two_members_keep_their_half_of_every_layer() {
+        for _ in 0..20 {
+            let work = TeamWork::new(2);
+            // Each member holds its claim until the other has one too.
+            let both_hold = std::sync::Barrier::new(2);
+            let halves: Vec<Vec<Range<usize>>> = std::thread::scope(|s| {
+                let threads: Vec<_> = (0..2)
+                    .map(|index| {
+                        let (work, both_hold) = (&work, &both_hold);
+                        s.spawn(move || {
+                            let member = Member::new(work, index);
+                            let mut taken = Vec::new();
+                            for n in [8, 6, 2] {
+                                member.share_once(n, |rows| {
+                                    both_hold.wait();
+                                    taken.push(rows);
+                                });
+                                member.sync();
+                            }
+                            taken
+                        })
+                    })
+                    .collect();
+                threads.into_iter().map(|t| t.join().unwrap()).collect()
+            });
+            assert_eq!(halves[0], [0..4, 0..3, 0..1]);
+            assert_eq!(halves[1], [4..8, 3..6, 1..2]);
+        }
+    }
+
     #[test]
     fn the_team_does_not_wait_for_members_that_start_late() {
         // Two of three members start 2 s late: the first does their share and finishes long
@@ -472,14 +533,14 @@ mod tests {
                     std::thread::yield_now();
                 }
                 std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    let member = Member::new(&work);
+                    let member = Member::new(&work, 1);
                     member.share(4, |_| {});
                     member.sync();
                 }))
             });
             let failed = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 let _guard = BreakOnPanic(&work);
-                let member = Member::new(&work);
+                let member = Member::new(&work, 0);
                 member.share(4, |_| {
                     taken.store(true, Ordering::SeqCst);
                     panic!("a bug in one thread");

@@ -3,8 +3,8 @@
 //! for the rows of a layer to be finished.
 //!
 //! A team does not wait for its members to arrive, only for the rows they took: rows are claimed
-//! a few at a time from either end of a shared range, and a layer is complete when all its rows are
-//! finished, whoever computed them. A member that starts late (woken late, or preempted) finds
+//! a few at a time from either end of a shared range, and a layer is complete when all its rows
+//! are finished, whoever computed them. A member that starts late (woken late, or preempted) finds
 //! the early layers finished and skips them, and one that never starts leaves its share to the
 //! others. With a barrier per layer instead, every one of an image's ~56 layers waited for the
 //! slowest member, which on shared vCPUs made the tail of one-image latency.
@@ -34,9 +34,9 @@ const CLAIMS_PER_MEMBER: usize = 2;
 /// implementation must guarantee, for the threads that share one partition (one value per
 /// thread), provided each of them makes the same sequence of `share` and `share_once` calls (the
 /// same methods with the same `n`s) with `sync`s at the same places: the ranges either hands to
-/// `compute`, over all threads, are disjoint and together cover `0..n`; `sync` returns only after every range handed out before
-/// it, by any thread, has been computed (its `compute` returned), with everything written there
-/// visible to the caller.
+/// `compute`, over all threads, are disjoint and together cover `0..n`; `sync` returns only
+/// after every range handed out before it, by any thread, has been computed (its `compute`
+/// returned), with everything written there visible to the caller.
 pub unsafe trait Partition {
     /// Runs `compute` on this thread's share of the `n` rows of the current layer.
     fn share(&self, n: usize, compute: impl FnMut(Range<usize>));
@@ -75,9 +75,10 @@ const LAYER_BITS: u32 = 64 - 2 * ROW_BITS;
 #[derive(Debug)]
 pub struct TeamWork {
     members: usize,
-    /// The layer being claimed (counted from 1 in each member's sequence of `share` calls) in
-    /// the high [`LAYER_BITS`], then the first and one past the last of its unclaimed rows
-    /// ([`ROW_BITS`] each): members claim from the front or the back ([`Member::new`]).
+    /// The layer being claimed (counted from 1 in each member's sequence of `share` and
+    /// `share_once` calls) in the high [`LAYER_BITS`], then the first and one past the last of its
+    /// unclaimed rows ([`ROW_BITS`] each): members claim from the front or the back
+    /// ([`Member::new`]).
     claims: AtomicU64,
     /// Rows finished in this pass, over all layers.
     finished: AtomicUsize,
@@ -187,7 +188,7 @@ impl Drop for BreakOnPanic<'_> {
 #[derive(Debug)]
 pub struct Member<'a> {
     work: &'a TeamWork,
-    /// Layers this member has gone through (`share` calls).
+    /// Layers this member has gone through (`share` and `share_once` calls).
     layers: Cell<u64>,
     /// Rows of those layers: what `sync` waits to see finished.
     rows: Cell<usize>,
@@ -211,13 +212,14 @@ impl<'a> Member<'a> {
     }
 }
 
-// SAFETY: each member numbers the layers by its own count of `share` calls, which is the same
-// for all members (the trait's precondition). `TeamWork::claim` hands each row of layer `l` out
-// once: it advances the shared counter for `l` by exchange, and members reach `l + 1` only after
-// finding `l`'s rows all taken, so a counter that moved past `l` means nothing of `l` is left.
-// `sync` waits until `finished` counts every row of every layer so far, and members add rows
-// only after computing them, with release ordering matched by `wait_for`'s acquire. Rows of
-// later layers cannot be counted before (their members passed the same `sync` first).
+// SAFETY: each member numbers the layers by its own count of `share` and `share_once` calls, which
+// is the same for all members (the trait's precondition). `TeamWork::claim` hands each row of layer
+// `l` out once: it shrinks the range of `l`'s unclaimed rows, from either end, by exchange, and
+// members reach `l + 1` only after finding `l`'s rows all taken, so a counter that moved past `l`
+// means nothing of `l` is left. `sync` waits until `finished` counts every row of every layer so
+// far, and members add rows only after computing them, with release ordering matched by
+// `wait_for`'s acquire. Rows of later layers cannot be counted before (their members passed the
+// same `sync` first).
 unsafe impl Partition for Member<'_> {
     fn share(&self, n: usize, compute: impl FnMut(Range<usize>)) {
         self.claim_layer(n, CLAIMS_PER_MEMBER, compute);

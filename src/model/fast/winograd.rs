@@ -460,8 +460,9 @@ impl WinogradLayer {
                 };
                 // SAFETY: selected for this CPU and (cin, cout); `v` holds `positions` of
                 // `v_stride` floats, each n x cin from its start, and `m` as many of `m_stride`
-                // floats, each n x cout (the slices above), `u` positions x cin x cout in this kernel's
-                // blocks (packed in `new`), `zeros` cout; `channels` are whole blocks (checked).
+                // floats, each n x cout (the slices above), `u` positions x cin x cout in this
+                // kernel's blocks (packed in `new`), `zeros` cout; `channels` are whole blocks
+                // (checked).
                 unsafe { (gemm.run)(&raw) };
             }
         }

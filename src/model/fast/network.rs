@@ -20,13 +20,13 @@ use crate::model::spec::{ModelSpec, Shortcut, INPUT_CHANNELS, INPUT_SIZE, STAGE_
 /// Buffer id of the network input.
 const INPUT: usize = 0;
 
-/// Winograd layers whose transformed filters are at least this large (the 64-channel ones: 576
-/// KiB in F(4x4, 3x3), 256 KiB in F(2x2, 3x3), against 144 KiB for 32 channels) split their
-/// output channels between threads when the batch is small, so that each thread reads only its
-/// part of the filters. Below it the filters stay in a core's cache, and splitting would only
-/// repeat the input transform on every thread (measured at batch 1: 1.11x splitting the
-/// 64-channel layers, 0.98x splitting the 32-channel ones too).
-const SPLIT_CHANNELS_FROM_FILTER_BYTES: usize = 256 * 1024;
+/// Winograd layers whose F(4x4, 3x3) filters are larger than this (the 64-channel ones: 576 KiB,
+/// against 144 KiB for 32 channels) are wide: they split their output channels between threads
+/// when the batch is small, so that each thread reads only its part of the filters, and have an
+/// F(2x2, 3x3) form for the smallest batches. Below it the filters stay in a core's cache, and
+/// splitting would only repeat the input transform on every thread (measured at batch 1: 1.11x
+/// splitting the 64-channel layers, 0.98x splitting the 32-channel ones too).
+const WIDE_ABOVE_FILTER_BYTES: usize = 256 * 1024;
 
 /// What a forward pass decides once for all its micro-batches and threads.
 #[derive(Debug, Clone, Copy)]
@@ -77,7 +77,7 @@ impl Conv3x3 {
             return Self::Direct(ConvLayer::new(conv, stride, level));
         }
         let large = WinogradLayer::new(conv, src.w, level, Tiling::F4);
-        let small = (large.filter_bytes() >= SPLIT_CHANNELS_FROM_FILTER_BYTES
+        let small = (large.filter_bytes() > WIDE_ABOVE_FILTER_BYTES
             && winograd::supports(Tiling::F2, conv, stride, src.h, src.w))
         .then(|| Box::new(WinogradLayer::new(conv, src.w, level, Tiling::F2)));
         Self::Winograd { large, small }
@@ -389,22 +389,26 @@ impl Network {
                     Some(small) if pass.small_batch => small,
                     _ => large,
                 };
+                // Wide or not by its F(4x4, 3x3) filters, whichever form runs.
+                let wide = large.filter_bytes() > WIDE_ABOVE_FILTER_BYTES;
                 // SAFETY: same contract as ours.
-                unsafe { self.winograd(layer, batch, part, scratch, io) }
+                unsafe { self.winograd(layer, wide, batch, part, scratch, io) }
             }
         }
     }
 
     /// A Winograd convolution: this thread's tile rows of every image, gathered into groups of
     /// about `group_tiles()` tiles (several images' worth for the narrow, wide layers) so that
-    /// each group reads the transformed filters once; or, when the whole batch is one group,
-    /// this thread's blocks of output channels ([`Self::winograd_channels`]).
+    /// each group reads the transformed filters once; or, for a `wide` layer
+    /// ([`WIDE_ABOVE_FILTER_BYTES`]) when the whole batch is one group, this thread's blocks of
+    /// output channels ([`Self::winograd_channels`]).
     ///
     /// # Safety
     /// As for [`Self::conv`].
     unsafe fn winograd(
         &self,
         layer: &WinogradLayer,
+        wide: bool,
         batch: &[Shared<'_>],
         part: &impl Partition,
         scratch: &mut Scratch,
@@ -414,7 +418,6 @@ impl Network {
         let tile = layer.tile();
         let tiles_x = dst_plane.w / tile;
         let tiles = batch.len() * tiles_x * (dst_plane.h / tile);
-        let wide = layer.filter_bytes() >= SPLIT_CHANNELS_FROM_FILTER_BYTES;
         if wide && tiles <= layer.group_tiles() && layer.cout > layer.block() {
             // SAFETY: the caller's contract.
             unsafe { self.winograd_channels(layer, batch, part, scratch, io) };

@@ -485,6 +485,7 @@ fn input_1d<const A: usize, const L: usize, const FMA: bool>(
     d: [&[f32; L]; A],
     t: &mut [[f32; L]; A],
 ) {
+    const { assert!(A == 6 || A == 4) };
     // `A` is a constant of each instantiation, so one branch remains, with constant indices.
     let (d, t) = (&d[..], &mut t[..]);
     if A == 6 {
@@ -516,6 +517,7 @@ fn output_1d<const A: usize, const M: usize, const L: usize, const FMA: bool>(
     m: [&[f32; L]; A],
     o: &mut [[f32; L]; M],
 ) {
+    const { assert!((A == 6 && M == 4) || (A == 4 && M == 2)) };
     let (m, o) = (&m[..], &mut o[..]);
     if A == 6 {
         for c in 0..L {

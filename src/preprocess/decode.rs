@@ -98,8 +98,8 @@ pub fn declared_dimensions(bytes: &[u8]) -> Result<(u32, u32), PreprocessError> 
 
 /// The dimensions in a PNG's `IHDR`, which the format requires to be the first chunk, right
 /// after the signature; `None` unless the upload starts that way, and then the decoder has its
-/// say. Admission reads every upload's header, and a PNG decoder made only for that (zlib state,
-/// every chunk before the pixels) cost about as much as decoding a 32x32 image's pixels.
+/// say. Admission reads every upload's header, and a PNG decoder made only for that allocated
+/// its inflate state and read every chunk before the pixels.
 fn png_header_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
     const SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
     let rest = bytes.strip_prefix(SIGNATURE)?;
@@ -144,8 +144,8 @@ pub fn decode_rgb8_with(
     let mut limits = Limits::default();
     limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
     reader.limits(limits.clone());
-    // One decoder reads the header, is checked, then decodes: made twice, the second time only
-    // to decode, it cost a 32x32 PNG a fifth of its decoding time.
+    // One decoder reads the header, is checked against the limit, then decodes: the header is
+    // not read a second time.
     let mut decoder = reader
         .into_decoder()
         .map_err(|e| PreprocessError::Decode(format!("{format:?} header: {e}")))?;

@@ -4,6 +4,7 @@
 //! message-size limit, request timeout, metrics and graceful drain.
 
 mod convert;
+mod deadline;
 pub mod proto;
 mod service;
 mod status;
@@ -115,6 +116,7 @@ pub async fn serve(
         let _ = stopping_tx.send(());
     };
     let serving = tonic::transport::Server::builder()
+        .layer(deadline::ClientDeadlineLayer)
         .add_service(health)
         .add_service(inference_server)
         .serve_with_incoming_shutdown(incoming, signal);

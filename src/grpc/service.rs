@@ -108,7 +108,11 @@ impl InferenceService {
 /// The client's deadline from `grpc-timeout` (`<at most 8 digits><H|M|S|m|u|n>`); an
 /// unreadable value counts as none, as the gRPC specification leaves it to the server.
 pub fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
-    let text = metadata.get("grpc-timeout")?.to_str().ok()?;
+    parse_grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)
+}
+
+/// A `grpc-timeout` value (`<at most 8 digits><H|M|S|m|u|n>`), if it is one.
+pub fn parse_grpc_timeout(text: &str) -> Option<Duration> {
     let unit = text.chars().last()?;
     let digits = &text[..text.len() - unit.len_utf8()];
     if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {

@@ -71,12 +71,21 @@ pub struct Deadline {
 }
 
 impl Deadline {
+    /// `budget` after `start` (or as far as an `Instant` goes).
+    pub fn after(start: Instant, budget: Duration) -> Self {
+        Self {
+            at: saturating_add(start, budget),
+            budget,
+        }
+    }
+
     pub fn at(&self) -> Instant {
         self.at
     }
 
+    /// The budget in milliseconds, rounded up: a 100 us deadline reads 1 ms, not 0.
     pub fn budget_ms(&self) -> u64 {
-        u64::try_from(self.budget.as_millis()).unwrap_or(u64::MAX)
+        u64::try_from(self.budget.as_micros().div_ceil(1000)).unwrap_or(u64::MAX)
     }
 }
 
@@ -170,10 +179,7 @@ impl Inference {
         let budget = requested.map_or(self.limits.request_timeout, |r| {
             r.min(self.limits.request_timeout)
         });
-        Deadline {
-            at: saturating_add(Instant::now(), budget),
-            budget,
-        }
+        Deadline::after(Instant::now(), budget)
     }
 
     /// Inference requests are refused only before the model is warm; while draining, requests

@@ -7,10 +7,11 @@
 //! deadline is never the later one, and it is polled first whenever the call wakes, so a call
 //! past its deadline always ends here, as DEADLINE_EXCEEDED.
 
-use axum::http;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+
+use axum::http;
 use tokio::time::Instant;
 
 use super::service::parse_grpc_timeout;

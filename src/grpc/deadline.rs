@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 use axum::http;
 use tokio::time::Instant;
 
-use super::service::parse_grpc_timeout;
+use super::service::grpc_timeout;
 use super::status::from_infer;
 use crate::infer::{Deadline, InferError};
 
@@ -53,12 +53,8 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let timeout = request
-            .headers()
-            .get("grpc-timeout")
-            .and_then(|value| value.to_str().ok())
-            .and_then(parse_grpc_timeout);
-        let deadline = timeout.map(|timeout| Deadline::after(Instant::now(), timeout));
+        let deadline =
+            grpc_timeout(request.headers()).map(|timeout| Deadline::after(Instant::now(), timeout));
         let call = self.inner.call(request);
         Box::pin(async move {
             let Some(deadline) = deadline else {

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::http;
 use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
@@ -107,12 +108,9 @@ impl InferenceService {
 
 /// The client's deadline from `grpc-timeout` (`<at most 8 digits><H|M|S|m|u|n>`); an
 /// unreadable value counts as none, as the gRPC specification leaves it to the server.
-pub fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
-    parse_grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)
-}
-
-/// A `grpc-timeout` value (`<at most 8 digits><H|M|S|m|u|n>`), if it is one.
-pub fn parse_grpc_timeout(text: &str) -> Option<Duration> {
+/// `headers` are a call's metadata (`MetadataMap::as_ref`) or its HTTP request's headers.
+pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let text = headers.get("grpc-timeout")?.to_str().ok()?;
     let unit = text.chars().last()?;
     let digits = &text[..text.len() - unit.len_utf8()];
     if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -235,7 +233,7 @@ impl GrpcInferenceService for InferenceService {
         telemetry::join_caller_trace(&span, &request.metadata().clone().into_headers());
         self.observed("grpc:ModelInfer", async {
             let inference = &self.inference;
-            let deadline = inference.deadline(grpc_timeout(request.metadata()));
+            let deadline = inference.deadline(grpc_timeout(request.metadata().as_ref()));
             self.authorize(request.metadata())?;
             let mut request = request.into_inner();
             // Calls that arrive while draining go elsewhere: health already says NOT_SERVING.
@@ -271,7 +269,7 @@ mod tests {
     fn timeout(value: &str) -> Option<Duration> {
         let mut metadata = MetadataMap::new();
         metadata.insert("grpc-timeout", value.parse().unwrap());
-        grpc_timeout(&metadata)
+        grpc_timeout(metadata.as_ref())
     }
 
     #[test]
@@ -285,6 +283,6 @@ mod tests {
         for bad in ["", "m", "123456789m", "12x", "-5m", "1.5S"] {
             assert_eq!(timeout(bad), None, "{bad:?}");
         }
-        assert_eq!(grpc_timeout(&MetadataMap::new()), None);
+        assert_eq!(grpc_timeout(MetadataMap::new().as_ref()), None);
     }
 }

@@ -28,6 +28,11 @@ const INPUT: usize = 0;
 /// splitting the 64-channel layers, 0.98x splitting the 32-channel ones too).
 const WIDE_ABOVE_FILTER_BYTES: usize = 256 * 1024;
 
+/// Whether a layer is wide ([`WIDE_ABOVE_FILTER_BYTES`]), from its F(4x4, 3x3) form.
+fn is_wide(large: &WinogradLayer) -> bool {
+    large.filter_bytes() > WIDE_ABOVE_FILTER_BYTES
+}
+
 /// What a forward pass decides once for all its micro-batches and threads.
 #[derive(Debug, Clone, Copy)]
 pub struct Pass {
@@ -77,9 +82,8 @@ impl Conv3x3 {
             return Self::Direct(ConvLayer::new(conv, stride, level));
         }
         let large = WinogradLayer::new(conv, src.w, level, Tiling::F4);
-        let small = (large.filter_bytes() > WIDE_ABOVE_FILTER_BYTES
-            && winograd::supports(Tiling::F2, conv, stride, src.h, src.w))
-        .then(|| Box::new(WinogradLayer::new(conv, src.w, level, Tiling::F2)));
+        let small = (is_wide(&large) && winograd::supports(Tiling::F2, conv, stride, src.h, src.w))
+            .then(|| Box::new(WinogradLayer::new(conv, src.w, level, Tiling::F2)));
         Self::Winograd { large, small }
     }
 
@@ -390,7 +394,7 @@ impl Network {
                     _ => large,
                 };
                 // Wide or not by its F(4x4, 3x3) filters, whichever form runs.
-                let wide = large.filter_bytes() > WIDE_ABOVE_FILTER_BYTES;
+                let wide = is_wide(large);
                 // SAFETY: same contract as ours.
                 unsafe { self.winograd(layer, wide, batch, part, scratch, io) }
             }

@@ -64,24 +64,29 @@ pub fn preprocess_with(
 /// `ToTensor()` then `Normalize(mean, std)` of an interleaved RGB (HWC) u8 image into CHW
 /// floats appended to `out`, computed in f32 in torchvision's order so the floats match.
 pub fn normalize_hwc(rgb: &[u8], mean: &[f32; 3], std: &[f32; 3], out: &mut Vec<f32>) {
-    // A byte has 256 values: look each channel's up instead of dividing twice per value (the
-    // same function fills the table, so the floats are the same).
-    let table: [[f32; 256]; 3] =
-        std::array::from_fn(|c| std::array::from_fn(|v| normalize(v as u8, mean[c], std[c])));
+    let tables = normalized_bytes(mean, std);
     let pixels = rgb.chunks_exact(3);
     out.reserve(3 * pixels.len());
-    for (c, table) in table.iter().enumerate() {
+    for (c, table) in tables.iter().enumerate() {
         out.extend(pixels.clone().map(|p| table[usize::from(p[c])]));
     }
 }
 
 /// `ToTensor()` then `Normalize(mean, std)` of a planar RGB (CHW) u8 image, appended to `out`.
 pub fn normalize_chw(pixels: &[u8], mean: &[f32; 3], std: &[f32; 3], out: &mut Vec<f32>) {
+    let tables = normalized_bytes(mean, std);
     let plane = pixels.len() / 3;
     out.reserve(pixels.len());
-    for (c, channel) in pixels.chunks_exact(plane.max(1)).take(3).enumerate() {
-        out.extend(channel.iter().map(|&v| normalize(v, mean[c], std[c])));
+    for (channel, table) in pixels.chunks_exact(plane.max(1)).zip(&tables) {
+        out.extend(channel.iter().map(|&v| table[usize::from(v)]));
     }
+}
+
+/// Every byte value of each channel, normalised: a byte has 256 values, so looking them up
+/// replaces two divisions per value, and the same function fills the table, so the floats are
+/// the same.
+fn normalized_bytes(mean: &[f32; 3], std: &[f32; 3]) -> [[f32; 256]; 3] {
+    std::array::from_fn(|c| std::array::from_fn(|v| normalize(v as u8, mean[c], std[c])))
 }
 
 /// torchvision: `to_tensor` divides by 255 in float32, `normalize` does `sub_(mean).div_(std)`.

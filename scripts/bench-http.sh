@@ -3,11 +3,12 @@
 # one after another on the same ports (18080 and up, loopback), each driven by the same load tool
 # (wrk, one thread, --latency) at 1, 16 and 64 connections posting the same 32x32 PNG; then
 # requests/s, p50 and p99 per server and level, and resnet-serve / peer ratios, as a table and as
-# JSON lines. Right before each level, resnet-serve's own forward pass is timed at the matching
-# batch size (`resnet-serve bench`, same weights and threads, BENCH_SECONDS (5) each), so that the
-# run also shows how much of the forward pass's speed reaches the client: one client's p50 over
-# the batch-1 pass time and its p99 over its p50, and 16 and 64 clients' requests/s over the
-# images/s at batch 16 and 64, each against the service's targets (printed "met" or "NOT met").
+# JSON lines. Right before and right after each level, resnet-serve's own forward pass is timed at
+# the matching batch size (`resnet-serve bench`, same weights and threads, BENCH_SECONDS (5) each),
+# so that the run also shows how much of the forward pass's speed reaches the client: one client's
+# p50 over the batch-1 pass time and its p99 over its p50, and 16 and 64 clients' requests/s over
+# the images/s at batch 16 and 64, each against the service's targets (printed "met" or "NOT
+# met"), taking the faster of the two timings.
 #
 #   scripts/bench-http.sh                         # 10 s per level, every server
 #   SECONDS_PER_LEVEL=2 SERVERS=resnet-serve,triton BINARY=path scripts/bench-http.sh
@@ -103,6 +104,16 @@ record() {
         "$1" "$2" "$rps" "$p50" "$p99" "$non2xx" "$errors" >>"$results"
 }
 
+# time_forward BATCH WHEN: `resnet-serve bench` at BATCH, recorded as a forward line.
+time_forward() {
+    "$bin" bench --weights "$weights" --threads "$threads" --batch-sizes "$1" \
+        --seconds "${BENCH_SECONDS:-5}" 2>/dev/null | bench_rates |
+        while read -r batch ips; do
+            printf '{"kind":"forward","batch_size":%d,"when":"%s","images_per_second":%s}\n' "$batch" "$2" "$ips"
+        done >>"$results"
+    tail -1 "$results" >&2
+}
+
 idle_gate
 versions=()
 
@@ -125,18 +136,15 @@ if has resnet-serve; then
     log "check: $(head -c 200 "$work/check.json")"
     versions+=("resnet-serve $("$bin" --version | cut -d' ' -f2)")
     for c in $levels; do
-        # The forward pass alone at this level's batch size, while the server idles: the machine's
-        # speed drifts between minutes, so each level is compared with a pass timed just before.
-        "$bin" bench --weights "$weights" --threads "$threads" --batch-sizes "$c" \
-            --seconds "${BENCH_SECONDS:-5}" 2>/dev/null | bench_rates |
-            while read -r batch ips; do
-                printf '{"kind":"forward","batch_size":%d,"images_per_second":%s}\n' "$batch" "$ips"
-            done >>"$results"
-        tail -1 "$results" >&2
+        # The forward pass alone at this level's batch size, while the server idles, just before
+        # and just after the level: the machine's speed drifts between minutes, and a slow spell
+        # in one timing would flatter the service, so its targets take the faster of the two.
+        time_forward "$c" before
         IMG=$image wrk -t1 -c"$c" -d"${seconds}s" --latency -s "$anchors/torchserve/post.lua" \
             "http://127.0.0.1:$port/classify" >"$work/wrk.txt" 2>&1 || true
         record resnet-serve "$c" "$work/wrk.txt"
         tail -1 "$results" >&2
+        time_forward "$c" after
     done
     kill -TERM "$server_pid"
     wait "$server_pid" || { echo "resnet-serve exited with status $?" >&2; }
@@ -185,7 +193,11 @@ import json, sys
 path, seconds, load_start, load_end, forced, cpus, *versions = sys.argv[1:]
 lines = [json.loads(l) for l in open(path)]
 rows = [l for l in lines if l["kind"] == "http"]
-forward = {l["batch_size"]: l["images_per_second"] for l in lines if l["kind"] == "forward"}
+# The faster of the timings around each level: the stricter bound for every target.
+forward = {}
+for l in lines:
+    if l["kind"] == "forward":
+        forward[l["batch_size"]] = max(forward.get(l["batch_size"], 0), l["images_per_second"])
 forced = forced == "1"
 print(f"wrk -t1 --latency, {seconds} s per level, {cpus} CPUs, load average start {load_start} (1 min), "
       f"end {load_end} (1, 5, 15 min)" + ("  FORCED ON A BUSY MACHINE: not comparable" if forced else ""))
@@ -215,12 +227,15 @@ if ratios:
 targets = []
 def target(name, value, bound, met, unit):
     if not targets:
-        print("targets (the forward pass timed by resnet-serve bench just before each level):")
+        print("targets (against the faster of the forward-pass timings just before and just after each level):")
     targets.append({"kind": "target", "target": name, "value": value, "bound": bound, "met": met})
     print(f"  {name:<44} {value:>8.2f}{unit}  (target {bound}{unit})  {'met' if met else 'NOT met'}")
 ours = {c: by[("resnet-serve", c)] for (s, c) in by if s == "resnet-serve"}
 if forward:
-    print("resnet-serve bench, images/s: " + ", ".join(f"batch {b} {v:.1f}" for b, v in sorted(forward.items())))
+    timed = [l for l in lines if l["kind"] == "forward"]
+    print("resnet-serve bench, images/s: " + ", ".join(
+        f"batch {b} " + " / ".join(f"{l['images_per_second']:.1f} {l.get('when', '')}".strip() for l in timed if l["batch_size"] == b)
+        for b in sorted(forward)))
 if 1 in ours and 1 in forward:
     one = ours[1]
     over_pass = one["p50_ms"] - 1000 / forward[1]

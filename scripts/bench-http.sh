@@ -234,7 +234,7 @@ ours = {c: by[("resnet-serve", c)] for (s, c) in by if s == "resnet-serve"}
 if forward:
     timed = [l for l in lines if l["kind"] == "forward"]
     print("resnet-serve bench, images/s: " + ", ".join(
-        f"batch {b} " + " / ".join(f"{l['images_per_second']:.1f} {l.get('when', '')}".strip() for l in timed if l["batch_size"] == b)
+        f"batch {b} " + " / ".join(f"{l['images_per_second']:.1f} {l['when']}" for l in timed if l["batch_size"] == b)
         for b in sorted(forward)))
 if 1 in ours and 1 in forward:
     one = ours[1]

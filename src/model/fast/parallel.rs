@@ -259,7 +259,7 @@ impl Member<'_> {
 const MIN_EXPLORE_INTERVAL: u64 = 8;
 const MAX_EXPLORE_INTERVAL: u64 = 1024;
 /// Weight of the newest measurement in the running average. Single passes vary by tens of
-/// percent on shared vCPUs; a retry of the other mode is a short trial ([`TRIAL_CALLS`]),
+/// percent on shared vCPUs; a retry of the other mode is one measured call ([`Trial`]),
 /// compared with this average, so an average that follows the noise closely lets a lucky retry
 /// win and flip the choice (and every flip restarts frequent retries). Replayed on recorded
 /// one-client passes of both modes (three runs, idle and with a competing process), 0.1 instead
@@ -293,23 +293,19 @@ pub struct TeamChooser {
     trial: Option<Trial>,
 }
 
-/// [`TRIAL_CALLS`] calls in one mode whose mean replaces that mode's average.
+/// A mode being measured afresh. A trial of the team starts with one call that is not measured:
+/// it pays for what the calls alone left cold. Run alone, the helpers sleep through every call,
+/// so a team's first call after a spell alone took 660-980 us per image against a team average
+/// of 600-650 (`bench` at batch 1, 2 threads, AVX-512 machine, six runs). Judged on that call, a
+/// retry of the team could lose to a one-thread average of 830-990 us, and each lost retry
+/// doubled the wait for the next: one batch-1 `bench` run of 2 s ran nearly every pass on one
+/// thread (1,198 img/s against 1,600). A call alone after team calls pays nothing of the kind.
 #[derive(Debug, Clone, Copy)]
 struct Trial {
     team: bool,
-    /// Calls recorded so far, the first (not measured) included.
-    calls: u32,
-    /// Seconds per image over the measured calls.
-    sum: f64,
+    /// The unmeasured call is done (from the start for one thread).
+    warmed_up: bool,
 }
-
-/// Calls in a trial of a mode. Its first call is not measured: it pays for what the other mode
-/// left cold. Run alone, the helpers sleep through every call, so a team's first call after a
-/// spell alone took 660-980 us per image against a team average of 600-650 (`bench` at batch 1,
-/// 2 threads, AVX-512 machine, six runs). Judged on that one call, a retry of the team could lose
-/// to a one-thread average of 830-990 us, and each lost retry doubled the wait for the next: one
-/// batch-1 `bench` run of 2 s ran nearly every pass on one thread (1,198 img/s against 1,600).
-const TRIAL_CALLS: u32 = 3;
 
 impl Default for TeamChooser {
     fn default() -> Self {
@@ -340,7 +336,7 @@ impl TeamChooser {
         if let Some(trial) = self.trial {
             return trial.team;
         }
-        let trial = match (self.team, self.alone, self.team_is_faster()) {
+        let team = match (self.team, self.alone, self.team_is_faster()) {
             (None, ..) => true,
             (_, None, _) => false,
             (.., Some(team_faster)) if self.calls >= self.next_try => {
@@ -351,40 +347,35 @@ impl TeamChooser {
             (.., team_faster) => return team_faster.unwrap_or(true),
         };
         self.trial = Some(Trial {
-            team: trial,
-            calls: 0,
-            sum: 0.0,
+            team,
+            warmed_up: !team,
         });
-        trial
+        team
     }
 
     /// Records how long a call took per image in the mode it used.
     pub fn record(&mut self, team: bool, seconds_per_image: f64) {
         let before = self.team_is_faster();
+        // A trial's measured call replaces its mode's stale average; any other call moves it.
         let fresh = match &mut self.trial {
-            Some(trial) if trial.team == team => {
-                trial.calls += 1;
-                if trial.calls > 1 {
-                    trial.sum += seconds_per_image;
-                }
-                if trial.calls < TRIAL_CALLS {
-                    return;
-                }
-                let mean = trial.sum / f64::from(TRIAL_CALLS - 1);
-                self.trial = None;
-                Some(mean)
+            Some(trial) if trial.team == team && !trial.warmed_up => {
+                trial.warmed_up = true;
+                return;
             }
-            _ => None,
+            Some(trial) if trial.team == team => {
+                self.trial = None;
+                true
+            }
+            _ => false,
         };
         let average = if team {
             &mut self.team
         } else {
             &mut self.alone
         };
-        *average = Some(match (fresh, *average) {
-            (Some(mean), _) => mean,
-            (None, Some(old)) => old + EMA_WEIGHT * (seconds_per_image - old),
-            (None, None) => seconds_per_image,
+        *average = Some(match *average {
+            Some(old) if !fresh => old + EMA_WEIGHT * (seconds_per_image - old),
+            _ => seconds_per_image,
         });
         if before.is_some() && before != self.team_is_faster() {
             // The machine changed: look again soon.
@@ -418,14 +409,14 @@ mod tests {
         // Busy machine: the team is eight times slower.
         let modes = drive(&mut chooser, 2000, 8e-3, 1e-3);
         assert_eq!(
-            modes[..2 * TRIAL_CALLS as usize],
-            [true, true, true, false, false, false],
-            "a trial of the team first, then one of one thread"
+            modes[..3],
+            [true, true, false],
+            "the team first (a call to warm up, one measured), then one thread"
         );
-        // Then a trial of the team now and then, less and less often (after 8, 16, ... 1024
-        // calls).
+        // Then a retry of the team (two calls) now and then, less and less often (after 8, 16,
+        // ... 1024 calls).
         let team_calls = modes.iter().filter(|&&t| t).count();
-        assert!((6..=30).contains(&team_calls), "{team_calls} team calls");
+        assert!((4..=20).contains(&team_calls), "{team_calls} team calls");
         // The machine goes idle: the team becomes twice as fast and is adopted.
         let modes = drive(&mut chooser, 3000, 0.5e-3, 1e-3);
         let late_team = modes[1500..].iter().filter(|&&t| t).count();
@@ -467,8 +458,7 @@ mod tests {
         // Pass times that vary as on shared vCPUs (a log-normal-like factor with a spread of
         // about 20%, as in passes recorded at one client), the team 1.3x faster on average: 10
         // runs of 3,000 calls. An average that followed each pass closely (weight 0.3) ran 4.8%
-        // of these calls in the slower mode, weight 0.1 2.0% with retries of one call, and 2.2%
-        // with trials of three; it must stay under 4%.
+        // of these calls in the slower mode, the current one 1.6%; it must stay under 4%.
         const RUNS: usize = 10;
         const CALLS: usize = 3000;
         let uniform = crate::model::fast::testing::noise(4 * RUNS * CALLS, 7);

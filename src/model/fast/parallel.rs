@@ -298,7 +298,7 @@ pub struct TeamChooser {
 /// so a team's first call after a spell alone took 660-980 us per image against a team average
 /// of 600-650 (`bench` at batch 1, 2 threads, AVX-512 machine, six runs). Judged on that call, a
 /// retry of the team could lose to a one-thread average of 830-990 us, and each lost retry
-/// doubled the wait for the next: one batch-1 `bench` run of 2 s ran nearly every pass on one
+/// doubled the wait for the next: one batch-1 `bench` run of 3 s ran nearly every pass on one
 /// thread (1,198 img/s against 1,600). A call alone after team calls pays nothing of the kind.
 #[derive(Debug, Clone, Copy)]
 struct Trial {

@@ -323,3 +323,16 @@ impl Inference {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sub_millisecond_deadline_reads_one_ms() {
+        let ms = |budget| Deadline::after(Instant::now(), budget).budget_ms();
+        assert_eq!(ms(Duration::from_micros(100)), 1);
+        assert_eq!(ms(Duration::from_millis(30)), 30);
+        assert_eq!(ms(Duration::MAX), u64::MAX);
+    }
+}

@@ -355,7 +355,6 @@ impl TeamChooser {
 
     /// Records how long a call took per image in the mode it used.
     pub fn record(&mut self, team: bool, seconds_per_image: f64) {
-        let before = self.team_is_faster();
         // A trial's measured call replaces its mode's stale average; any other call moves it.
         let fresh = match &mut self.trial {
             Some(trial) if trial.team == team && !trial.warmed_up => {
@@ -368,6 +367,7 @@ impl TeamChooser {
             }
             _ => false,
         };
+        let before = self.team_is_faster();
         let average = if team {
             &mut self.team
         } else {

@@ -69,13 +69,9 @@ impl<T: Queued> Collector<T> {
             }
         };
         let close_at = saturating_add(first.enqueued_at(), self.policy.max_delay);
-        let mut images = first.images();
-        let mut batch = vec![first];
-        // Everything queued at this instant, without waiting.
-        while let Ok(entry) = self.queue.try_recv() {
-            if let Filled::Full = self.add(&mut batch, &mut images, entry) {
-                return Some(batch);
-            }
+        let (mut batch, mut images, filled) = self.fill(first);
+        if let Filled::Full = filled {
+            return Some(batch);
         }
         // The optional wait for more; only then is there a timer.
         if !self.policy.max_delay.is_zero() {
@@ -90,6 +86,39 @@ impl<T: Queued> Collector<T> {
             }
         }
         Some(batch)
+    }
+
+    /// The next batch if an entry is queued right now, without waiting: for a model still busy
+    /// with the end of the previous batch on some of its threads. With a batching delay, always
+    /// `None`: a batch that may wait to fill is collected by [`Self::next_batch`] alone, once
+    /// the model is idle.
+    pub fn try_next_batch(&mut self) -> Option<Vec<T>> {
+        if !self.policy.max_delay.is_zero() {
+            return None;
+        }
+        let first = loop {
+            let entry = match self.held.take() {
+                Some(entry) => entry,
+                None => self.queue.try_recv().ok()?,
+            };
+            if let Some(entry) = entry.still_wanted(Instant::now()) {
+                break entry;
+            }
+        };
+        Some(self.fill(first).0)
+    }
+
+    /// `first` and everything queued behind it at this instant, without waiting, up to a full
+    /// batch; with its image count.
+    fn fill(&mut self, first: T) -> (Vec<T>, usize, Filled) {
+        let mut images = first.images();
+        let mut batch = vec![first];
+        while let Ok(entry) = self.queue.try_recv() {
+            if let Filled::Full = self.add(&mut batch, &mut images, entry) {
+                return (batch, images, Filled::Full);
+            }
+        }
+        (batch, images, Filled::Drained)
     }
 
     /// Adds `entry` to `batch` if it is still wanted and fits; holds it for the next batch if
@@ -259,6 +288,29 @@ mod tests {
         let start = Instant::now();
         assert_eq!(ids(&collector.next_batch().await.unwrap()), [1, 2]);
         assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_delay_a_busy_model_takes_what_is_queued_and_never_waits() {
+        let (tx, mut collector) = setup(3, 0);
+        assert!(collector.try_next_batch().is_none(), "nothing queued");
+        let mut gone = item(1, 1);
+        gone.wanted = false;
+        tx.send(gone).await.unwrap();
+        tx.send(item(2, 2)).await.unwrap();
+        tx.send(item(3, 2)).await.unwrap();
+        assert_eq!(ids(&collector.try_next_batch().unwrap()), [2]);
+        // The entry that did not fit opens the next batch.
+        assert_eq!(ids(&collector.try_next_batch().unwrap()), [3]);
+        assert!(collector.try_next_batch().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_a_delay_batches_are_only_collected_by_an_idle_model() {
+        let (tx, mut collector) = setup(8, 5);
+        tx.send(item(1, 1)).await.unwrap();
+        assert!(collector.try_next_batch().is_none());
+        assert_eq!(ids(&collector.next_batch().await.unwrap()), [1]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -2,6 +2,7 @@
 //! entries); one model thread that owns the model takes batches off it by [`BatchPolicy`] and
 //! runs them, and every request is answered through its own oneshot channel.
 
+mod feed;
 mod policy;
 mod worker;
 

@@ -1,14 +1,15 @@
 //! The model thread: warm-up, then, for as long as the queue is open, the next batch straight
-//! off the queue (whatever arrived while the previous one ran) and one forward pass for it,
-//! answering every entry.
+//! off the queue (whatever arrived while the previous one ran), served to the engine with those
+//! that arrive while it runs.
 
+use std::any::Any;
 use std::panic::AssertUnwindSafe;
 
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
-use tokio::time::Instant;
 
-use super::{BatchError, Collector, Entry, Queued};
+use super::feed::QueueFeed;
+use super::{Collector, Entry};
 use crate::metrics::BatchMetrics;
 use crate::model::engine::{check_output, Engine};
 use crate::model::IMAGE_FLOATS;
@@ -44,75 +45,20 @@ pub(super) fn run<M: Engine>(
             return;
         }
     }
-    while let Some(entries) = runtime.block_on(collector.next_batch()) {
-        run_batch(&mut model, entries, classes, &metrics);
+    while let Some(first) = runtime.block_on(collector.next_batch()) {
+        // The engine takes further batches from the feed itself while it has threads to spare,
+        // and returns once nothing is queued.
+        let feed = QueueFeed::new(first, &mut collector, classes, &metrics);
+        if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| model.serve(&feed))) {
+            feed.fail_open(&panicked(&*panic));
+        }
     }
     tracing::debug!("queue closed; model thread exits");
 }
 
-fn run_batch<M: Engine>(model: &mut M, batch: Vec<Entry>, classes: usize, metrics: &BatchMetrics) {
-    let now = Instant::now();
-    let mut entries = Vec::with_capacity(batch.len());
-    let mut pixels = Vec::new();
-    for entry in batch {
-        // The batch may have waited for the model: drop what went stale meanwhile.
-        let Some(mut entry) = entry.still_wanted(now) else {
-            continue;
-        };
-        entry.admission = None;
-        metrics
-            .queue_wait
-            .record(now.saturating_duration_since(entry.enqueued_at));
-        pixels.append(&mut entry.pixels);
-        entries.push(entry);
-    }
-    let n: usize = entries.iter().map(|e| e.images).sum();
-    if n == 0 {
-        return;
-    }
-    // One span per forward pass, in a trace of its own, linked to every request's queue wait
-    // (which ends here).
-    let span = tracing::info_span!(
-        parent: None,
-        "forward_pass",
-        batch_size = n,
-        requests = entries.len()
-    );
-    for entry in &mut entries {
-        let queue_wait = std::mem::replace(&mut entry.queue_wait, tracing::Span::none());
-        span.follows_from(&queue_wait);
-    }
-    let _in_forward_pass = span.enter();
-    let started = std::time::Instant::now();
-    let result = forward(model, &pixels, n, classes);
-    metrics.inference.record(started.elapsed());
-    metrics.batch_size.record(n as f64);
-    match result {
-        Ok(logits) => {
-            metrics.images.increment(n as u64);
-            let mut rows = logits.chunks_exact(classes);
-            for entry in entries {
-                let mine: Vec<f32> = rows
-                    .by_ref()
-                    .take(entry.images)
-                    .flatten()
-                    .copied()
-                    .collect();
-                let _ = entry.respond.send(Ok(mine));
-            }
-        }
-        Err(e) => {
-            tracing::error!(error = %e, images = n, "forward pass failed; failing its batch");
-            for entry in entries {
-                let _ = entry.respond.send(Err(BatchError::Inference(e.clone())));
-            }
-        }
-    }
-}
-
-/// One forward pass, with panics and malformed outputs turned into errors so that a failure
-/// costs only its own batch. This is the one place where a panicking forward pass is caught: the
-/// engines let panics (bugs) unwind to here.
+/// The warm-up's forward pass, with panics and malformed outputs turned into errors. This module
+/// is the one place where a panicking forward pass is caught (here and around `serve`): the
+/// engines let panics (bugs) unwind to it, and a panic fails only the batches being computed.
 fn forward<M: Engine>(
     model: &mut M,
     pixels: &[f32],
@@ -127,13 +73,18 @@ fn forward<M: Engine>(
             Err(e) => Err(e.to_string()),
         },
         Ok(Err(e)) => Err(e.to_string()),
-        Err(panic) => Err(format!(
-            "the forward pass panicked: {}",
-            panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown cause".into())
-        )),
+        Err(panic) => Err(panicked(&*panic)),
     }
+}
+
+/// What a caught panic of a forward pass says.
+fn panicked(panic: &(dyn Any + Send)) -> String {
+    format!(
+        "the forward pass panicked: {}",
+        panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown cause".into())
+    )
 }

@@ -35,6 +35,43 @@ pub trait Engine: Send + 'static {
     /// `n` images laid out as `n * [3, 32, 32]` normalised floats to `n * classes` logits,
     /// row-major.
     fn logits(&mut self, images: &[f32], n: usize) -> Result<Vec<f32>, EngineError>;
+
+    /// Runs the batches of `feed` until it has none: how the model thread serves its queue.
+    /// This default runs them one at a time through [`Self::logits`]. An engine that shares a
+    /// batch between threads overrides it to start the next batch on a thread that has finished
+    /// its share of the current one, instead of leaving that thread idle until the others finish.
+    fn serve(&mut self, feed: &dyn Feed) {
+        let mut pixels = Vec::new();
+        while let Some(batch) = feed.next_batch(&mut pixels) {
+            match self.logits(&pixels, batch.images) {
+                Ok(logits) => feed.deliver(batch.id, 0, &logits),
+                Err(e) => feed.fail(batch.id, &e),
+            }
+            pixels.clear();
+        }
+    }
+}
+
+/// Where [`Engine::serve`] takes its batches and sends their logits: the batcher's queue.
+pub trait Feed: Sync {
+    /// The next batch (everything queued right now, up to the batch limit), its images appended
+    /// to `pixels` as `images * [3, 32, 32]` normalised floats; `None` when nothing is queued.
+    /// After the first `None`, the feed is done: every later call returns `None`, and `serve`
+    /// returns once the batches it holds are delivered.
+    fn next_batch(&self, pixels: &mut Vec<f32>) -> Option<FedBatch>;
+    /// The logits (`classes` per image, row-major) of images `first..` of batch `batch`, in any
+    /// order and any number of calls: each image of a batch is delivered once.
+    fn deliver(&self, batch: u64, first: usize, logits: &[f32]);
+    /// The pass of batch `batch` failed: its images not delivered yet get no logits.
+    fn fail(&self, batch: u64, error: &EngineError);
+}
+
+/// A batch handed out by a [`Feed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FedBatch {
+    /// Names the batch in [`Feed::deliver`] and [`Feed::fail`].
+    pub id: u64,
+    pub images: usize,
 }
 
 /// Checks that `images` holds exactly `n` images: the first thing every engine does.

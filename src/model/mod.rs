@@ -22,7 +22,7 @@ use candle_core::Device;
 
 use self::candle::{BatchNormMode, CandleEngine};
 pub use device::{check_device, device_name, select_device};
-pub use engine::{Engine, EngineError};
+pub use engine::{Engine, EngineError, FedBatch, Feed};
 pub use options::{DeviceChoice, EngineChoice, LoadOptions, SimdChoice};
 pub use spec::{ModelSpec, Shortcut, IMAGE_FLOATS, INPUT_CHANNELS, INPUT_SIZE};
 pub use weights::{Checkpoint, ModelMetadata, WeightsError, WeightsOrigin, WeightsSource};
@@ -146,5 +146,9 @@ impl std::fmt::Debug for Model {
 impl Engine for Model {
     fn logits(&mut self, images: &[f32], n: usize) -> Result<Vec<f32>, EngineError> {
         self.engine.logits(images, n)
+    }
+
+    fn serve(&mut self, feed: &dyn Feed) {
+        self.engine.serve(feed);
     }
 }

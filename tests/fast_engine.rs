@@ -4,15 +4,17 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use candle_core::{Device, Tensor};
 use resnet_serve::cli::eval::{evaluate, load_reference, LabelledImages};
 use resnet_serve::model::fast::{FastOptions, FastResNet, SimdLevel, Threading};
 use resnet_serve::model::{
-    Checkpoint, DeviceChoice, Engine, EngineChoice, EngineError, LoadOptions, Model, ModelError,
-    Shortcut, SimdChoice, IMAGE_FLOATS,
+    Checkpoint, DeviceChoice, Engine, EngineChoice, EngineError, FedBatch, Feed, LoadOptions,
+    Model, ModelError, Shortcut, SimdChoice, IMAGE_FLOATS,
 };
 use resnet_serve::preprocess::normalize_chw;
 use safetensors::tensor::TensorView;
@@ -153,6 +155,126 @@ fn threading_strategies_give_identical_logits() {
             }
         }
     }
+}
+
+/// A feed of fixed batches (the first `n` images each) that records every delivery.
+struct BatchList {
+    queued: Mutex<VecDeque<(u64, usize)>>,
+    images: Vec<f32>,
+    /// (batch, first image, logits) per delivery.
+    delivered: Mutex<Vec<(u64, usize, Vec<f32>)>>,
+    /// The first delivery panics (as a bug in the engine's thread would).
+    panic_once: AtomicBool,
+}
+
+impl Feed for BatchList {
+    fn next_batch(&self, pixels: &mut Vec<f32>) -> Option<FedBatch> {
+        let (id, images) = self.queued.lock().unwrap().pop_front()?;
+        pixels.extend_from_slice(&self.images[..images * IMAGE_FLOATS]);
+        Some(FedBatch { id, images })
+    }
+
+    fn deliver(&self, batch: u64, first: usize, logits: &[f32]) {
+        if self.panic_once.swap(false, Ordering::SeqCst) {
+            panic!("injected panic");
+        }
+        self.delivered
+            .lock()
+            .unwrap()
+            .push((batch, first, logits.to_vec()));
+    }
+
+    fn fail(&self, batch: u64, error: &EngineError) {
+        panic!("batch {batch} failed: {error}");
+    }
+}
+
+/// Serving a queue, the engine starts a batch on a thread done with its share of the previous
+/// one; that changes when an image runs, never its logits: every image of every batch is
+/// delivered once, bit-identical to a lone pass over its batch, whatever the thread count and
+/// strategy, with batches smaller than, equal to and larger than the thread count in a row.
+#[test]
+fn serving_a_queue_gives_every_batch_the_logits_of_a_lone_pass() {
+    let Some((weights, data, _)) = first_images(20) else {
+        return;
+    };
+    let ckpt = Checkpoint::load(&weights).unwrap();
+    let x = normalised_batch(&data, 20, &ckpt.metadata.mean, &ckpt.metadata.std);
+    let mut alone = FastResNet::new(&ckpt.spec, &ckpt.tensors, SimdChoice::Auto, 1).unwrap();
+    let sizes = [1, 7, 2, 9, 1, 20, 3, 16];
+    let baselines: Vec<Vec<f32>> = sizes
+        .iter()
+        .map(|&n| alone.logits(&x[..n * IMAGE_FLOATS], n).unwrap())
+        .collect();
+    let classes = baselines[0].len();
+    for (threads, threading) in [
+        (1, Threading::Auto),
+        (2, Threading::Auto),
+        (3, Threading::Auto),
+        (2, Threading::Layers),
+    ] {
+        let options = FastOptions {
+            threads,
+            threading,
+            ..FastOptions::default()
+        };
+        let mut net = FastResNet::with_options(&ckpt.spec, &ckpt.tensors, &options).unwrap();
+        let feed = BatchList {
+            queued: Mutex::new((0..).zip(sizes).collect()),
+            images: x.clone(),
+            delivered: Mutex::default(),
+            panic_once: AtomicBool::new(false),
+        };
+        net.serve(&feed);
+        assert!(feed.queued.lock().unwrap().is_empty());
+        let mut got: Vec<Vec<Option<&[f32]>>> = sizes.iter().map(|&n| vec![None; n]).collect();
+        let delivered = feed.delivered.lock().unwrap();
+        for (batch, first, logits) in delivered.iter() {
+            for (i, row) in logits.chunks_exact(classes).enumerate() {
+                let slot = &mut got[*batch as usize][first + i];
+                assert!(slot.is_none(), "batch {batch} image {} twice", first + i);
+                *slot = Some(row);
+            }
+        }
+        for ((batch, rows), baseline) in got.iter().enumerate().zip(&baselines) {
+            for (i, row) in rows.iter().enumerate() {
+                assert_eq!(
+                    *row,
+                    Some(&baseline[i * classes..(i + 1) * classes]),
+                    "{threads} threads, {threading:?}, batch {batch} (of {}), image {i}",
+                    sizes[batch]
+                );
+            }
+        }
+    }
+}
+
+/// A panic on one thread while serving reaches the caller, and the other threads stop taking
+/// batches instead of serving the queue on without it. They stop once the panic unwinds, after
+/// the panic hook (which may print a backtrace); without stopping, they would take all 20,000
+/// batches, some 15 s of work.
+#[test]
+fn a_panic_while_serving_stops_every_thread() {
+    let Some((weights, data, _)) = first_images(2) else {
+        return;
+    };
+    let ckpt = Checkpoint::load(&weights).unwrap();
+    let x = normalised_batch(&data, 2, &ckpt.metadata.mean, &ckpt.metadata.std);
+    let mut net = FastResNet::new(&ckpt.spec, &ckpt.tensors, SimdChoice::Auto, 2).unwrap();
+    let feed = BatchList {
+        queued: Mutex::new((0..20_000).map(|id| (id, 2)).collect()),
+        images: x,
+        delivered: Mutex::default(),
+        panic_once: AtomicBool::new(true),
+    };
+    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| net.serve(&feed)));
+    assert!(served.is_err());
+    let left = feed.queued.lock().unwrap().len();
+    assert!(left >= 10_000, "{left} batches left");
+    // The engine still serves afterwards.
+    feed.queued.lock().unwrap().truncate(3);
+    net.serve(&feed);
+    assert!(feed.queued.lock().unwrap().is_empty());
 }
 
 /// The seed tensors rewritten as a paper-style network: no convolution biases, no projection

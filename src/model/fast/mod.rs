@@ -3,6 +3,7 @@
 //! AVX2 and portable code, Winograd F(4x4, 3x3) (and F(2x2, 3x3) for the widest layers at small
 //! batches) for the stride-1 3x3 convolutions, and the batch (or, for a batch smaller than the
 //! thread count, each layer) shared between threads that are started once, with the engine.
+//! Serving a queue ([`Engine::serve`]), a thread done with its share of a batch starts the next.
 //!
 //! - [`simd`]: detecting and forcing the instruction set.
 //! - [`crate::model::fold`]: batch-norm folding (shared with the candle engine on CUDA).
@@ -31,18 +32,19 @@ mod winograd;
 mod workspace;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
 
 use self::crew::Crew;
-use self::network::Network;
+use self::network::{Network, Pass};
 use self::parallel::{Alone, BreakOnPanic, Member, TeamChooser, TeamWork};
 pub use self::simd::{SimdLevel, UnsupportedSimd};
 use self::winograd::Scratch;
 use self::workspace::Buffers;
-use super::engine::{check_input, Engine, EngineError};
+use super::engine::{check_input, Engine, EngineError, Feed};
 use super::spec::{ModelSpec, IMAGE_FLOATS};
 use super::SimdChoice;
 
@@ -236,13 +238,12 @@ impl FastResNet {
         // and as many for every thread: with a fixed size of 8, a batch of 40 gave one thread
         // 24 images and the other 16. Threads still claim them one by one, so one that is held
         // up (preempted, on a busy server) leaves its share to the others.
-        let rounds = whole.div_ceil(threads * MICRO_BATCH).max(1);
-        let chunks = (threads * rounds).min(whole);
+        let chunks = micro_batches(whole, threads);
         let next = AtomicUsize::new(0);
         let results = Mutex::new(&mut *logits);
         // Logits of images `first..` (whichever thread computed their heads).
         let deliver = |first: usize, computed: &[f32]| {
-            let mut results = results.lock().unwrap_or_else(|p| p.into_inner());
+            let mut results = lock(&results);
             results[first * classes..first * classes + computed.len()].copy_from_slice(computed);
         };
         let team = team.share();
@@ -309,9 +310,7 @@ impl FastResNet {
             .map(|space| Mutex::new(Some(space)))
             .collect();
         let job = |index: usize| {
-            let space = spaces
-                .get(index)
-                .and_then(|slot| slot.lock().unwrap_or_else(|p| p.into_inner()).take());
+            let space = spaces.get(index).and_then(|slot| lock(slot).take());
             if let Some(space) = space {
                 work(index, space);
             }
@@ -328,6 +327,159 @@ impl FastResNet {
             chooser.record(whole < n, started.elapsed().as_secs_f64() / n as f64);
         }
     }
+
+    /// Runs `first` and the feed's later batches as whole images, micro-batch by micro-batch,
+    /// on every thread: a thread that finds its batch's micro-batches all taken collects the
+    /// next batch and starts on it while the others finish theirs. Returns when the feed has no
+    /// more and every micro-batch taken is done.
+    fn stream(&mut self, feed: &dyn Feed, first: FedImages) {
+        let threads = self.threads.min(self.workspace.own.len()).max(1);
+        let net = &self.net;
+        let classes = net.classes();
+        let current = Mutex::new(Some(Arc::new(Claimable::new(net, first, threads))));
+        let stopped = AtomicBool::new(false);
+        let spaces: Vec<Mutex<Option<&mut ThreadSpace>>> = self
+            .workspace
+            .own
+            .iter_mut()
+            .take(threads)
+            .map(|space| Mutex::new(Some(space)))
+            .collect();
+        let job = |index: usize| {
+            let Some(space) = spaces.get(index).and_then(|slot| lock(slot).take()) else {
+                return;
+            };
+            let _stop_on_panic = StopOnPanic(&stopped);
+            let ThreadSpace {
+                images: bufs,
+                scratch,
+            } = space;
+            let own: Vec<_> = bufs.iter_mut().map(Buffers::share).collect();
+            let mut out = vec![0.0f32; MICRO_BATCH * classes];
+            let mut batch = lock(&current).clone();
+            while let Some(open) = batch {
+                // Another thread panicked: its batch fails, and no thread starts another.
+                if stopped.load(Ordering::Relaxed) {
+                    return;
+                }
+                if let Some(images) = open.claim() {
+                    let out = &mut out[..images.len() * classes];
+                    // SAFETY: `own` views this thread's own buffers (`space`, borrowed
+                    // exclusively by this call), which no other thread sees.
+                    unsafe {
+                        net.run_batch(
+                            &open.fed.pixels
+                                [images.start * IMAGE_FLOATS..images.end * IMAGE_FLOATS],
+                            &own[..images.len()],
+                            &Alone,
+                            open.pass,
+                            scratch,
+                            out,
+                            |done, logits| {
+                                feed.deliver(open.fed.id, images.start + done.start, logits)
+                            },
+                        )
+                    };
+                    batch = Some(open);
+                    continue;
+                }
+                // This batch's micro-batches are all taken: the next batch, unless another
+                // thread has collected it already.
+                let mut current = lock(&current);
+                if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &open)) {
+                    *current = FedImages::next(feed)
+                        .map(|fed| Arc::new(Claimable::new(net, fed, threads)));
+                }
+                batch = current.clone();
+            }
+        };
+        if threads > 1 {
+            self.crew.run(&job);
+        } else {
+            job(0);
+        }
+    }
+}
+
+/// The number of micro-batches `images` whole images are run in by `threads` threads: as many
+/// for every thread, each of at most [`MICRO_BATCH`] images.
+fn micro_batches(images: usize, threads: usize) -> usize {
+    let rounds = images.div_ceil(threads * MICRO_BATCH).max(1);
+    (threads * rounds).min(images)
+}
+
+/// A batch from a [`Feed`], with its images.
+#[derive(Debug)]
+struct FedImages {
+    id: u64,
+    images: usize,
+    pixels: Vec<f32>,
+}
+
+impl FedImages {
+    /// The feed's next batch; one whose pixels are not its images' (a feed's bug) fails.
+    fn next(feed: &dyn Feed) -> Option<Self> {
+        loop {
+            let mut pixels = Vec::new();
+            let batch = feed.next_batch(&mut pixels)?;
+            match check_input(&pixels, batch.images) {
+                Ok(()) => {
+                    return Some(Self {
+                        id: batch.id,
+                        images: batch.images,
+                        pixels,
+                    })
+                }
+                Err(e) => feed.fail(batch.id, &e),
+            }
+        }
+    }
+}
+
+/// A batch being run as whole images by whichever threads claim its micro-batches.
+#[derive(Debug)]
+struct Claimable {
+    fed: FedImages,
+    /// Planned from the batch's size, as a call of [`FastResNet::run`] with it would be: which
+    /// thread runs an image, and when, never changes its logits.
+    pass: Pass,
+    micro_batches: usize,
+    /// The next micro-batch to claim.
+    next: AtomicUsize,
+}
+
+impl Claimable {
+    fn new(net: &Network, fed: FedImages, threads: usize) -> Self {
+        Self {
+            pass: net.pass(fed.images),
+            micro_batches: micro_batches(fed.images, threads),
+            next: AtomicUsize::new(0),
+            fed,
+        }
+    }
+
+    /// The images of the next micro-batch nobody has claimed; `None` once all are claimed.
+    fn claim(&self) -> Option<Range<usize>> {
+        let k = self.next.fetch_add(1, Ordering::Relaxed);
+        let (n, chunks) = (self.fed.images, self.micro_batches);
+        (k < chunks).then(|| k * n / chunks..(k + 1) * n / chunks)
+    }
+}
+
+/// Stops a stream's threads if dropped while its thread unwinds from a panic.
+struct StopOnPanic<'a>(&'a AtomicBool);
+
+impl Drop for StopOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Locks a mutex whose data a panic cannot leave half-written.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Engine for FastResNet {
@@ -336,5 +488,22 @@ impl Engine for FastResNet {
         let mut logits = vec![0.0f32; n * self.net.classes()];
         self.run(images, n, &mut logits);
         Ok(logits)
+    }
+
+    /// Batches smaller than the thread count that arrive while every thread is free run as
+    /// [`Self::logits`] would run them (split layer by layer, or on one thread); from the first
+    /// larger batch on, [`Self::stream`] runs this and the later ones without waiting for the
+    /// slowest thread between batches.
+    fn serve(&mut self, feed: &dyn Feed) {
+        let threads = self.threads.min(self.workspace.own.len()).max(1);
+        while let Some(fed) = FedImages::next(feed) {
+            if fed.images >= threads && self.threading != Threading::Layers {
+                self.stream(feed, fed);
+                return;
+            }
+            let mut logits = vec![0.0f32; fed.images * self.net.classes()];
+            self.run(&fed.pixels, fed.images, &mut logits);
+            feed.deliver(fed.id, 0, &logits);
+        }
     }
 }

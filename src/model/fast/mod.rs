@@ -273,7 +273,7 @@ impl FastResNet {
                         pass,
                         scratch,
                         out,
-                        |done, logits| deliver(start + done.start, logits),
+                        &mut |done, logits| deliver(start + done.start, logits),
                     )
                 };
             }
@@ -291,7 +291,7 @@ impl FastResNet {
                         pass,
                         scratch,
                         &mut out[..classes],
-                        |_, logits| deliver(i, logits),
+                        &mut |_, logits| deliver(i, logits),
                     )
                 };
             }
@@ -375,7 +375,7 @@ impl FastResNet {
                             open.pass,
                             scratch,
                             out,
-                            |done, logits| {
+                            &mut |done, logits| {
                                 feed.deliver(open.fed.id, images.start + done.start, logits)
                             },
                         )

@@ -658,6 +658,11 @@ impl Network {
     /// many rows each layer shares out) and its own `part` of one partition (for
     /// [`super::parallel::Alone`]: by this thread alone).
     // Eight, each with its own role: a struct to bundle some would only be unpacked here.
+    // `deliver` is a `dyn` callback, called once per micro-batch, so that the walk through the
+    // network is compiled once per partition type whoever calls it: with a generic callback, a
+    // second caller of the `Alone` walk (serving a queue) made `bench`'s batch 8 and 64 2-4%
+    // slower (6 alternated runs, slower in 5 and 6 of 6), through the compiler's different
+    // inlining of the shared layers.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn run_batch(
         &self,
@@ -667,7 +672,7 @@ impl Network {
         pass: Pass,
         scratch: &mut Scratch,
         logits: &mut [f32],
-        mut deliver: impl FnMut(Range<usize>, &[f32]),
+        deliver: &mut dyn FnMut(Range<usize>, &[f32]),
     ) {
         let input = self.planes[INPUT];
         let image_len = input.h * input.w * input.c;

@@ -110,11 +110,7 @@ pub async fn run_with_limits<M: Engine>(
         }
         None => None,
     };
-    let app = router(AppState {
-        inference,
-        config: Arc::new(config),
-        metrics: metrics.clone(),
-    });
+    let app = router(AppState::new(inference, config, metrics.clone()));
 
     let upkeep_metrics = metrics.clone();
     let upkeep = tokio::spawn(async move {

@@ -31,13 +31,37 @@ pub use config::ServerConfig;
 /// The header that carries each request's id (set when the client sends none, echoed back).
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
-/// Everything the handlers share.
+/// Everything the handlers share, behind one reference count. axum clones the state for the
+/// handler and for each middleware that reads it, three times a request, and the parts hold a
+/// dozen counts of their own (the queue's sender, semaphores, metric handles).
 #[derive(Debug, Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+/// What [`AppState`] shares.
+#[derive(Debug)]
+pub struct Shared {
     /// The inference layer: readiness, deadlines, admission, decoding and the batcher.
     pub inference: Inference,
-    pub config: Arc<ServerConfig>,
+    pub config: ServerConfig,
     pub metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    pub fn new(inference: Inference, config: ServerConfig, metrics: Arc<Metrics>) -> Self {
+        Self(Arc::new(Shared {
+            inference,
+            config,
+            metrics,
+        }))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
 
 /// Every route the API serves: the router is built from this list, and the OpenAPI test
@@ -307,11 +331,7 @@ mod tests {
             config.infer_limits(),
             predictions,
         );
-        let app = router(AppState {
-            inference,
-            config: Arc::new(config),
-            metrics,
-        });
+        let app = router(AppState::new(inference, config, metrics));
         warmed_up.await.unwrap().unwrap();
         assert_eq!(ready_status(&app).await.0, StatusCode::OK);
         readiness.set_draining();

@@ -1,5 +1,5 @@
-//! The `resnet-serve` binary as deployed: `serve` on an ephemeral port with JSON logs, graceful
-//! exit 0 on SIGTERM, and which weights it serves (embedded by default, a file at the default
+//! The `resnet-serve` binary as deployed: `serve` on an ephemeral port with JSON logs and the
+//! runtime workers asked for, graceful exit 0 on SIGTERM, and which weights it serves (embedded by default, a file at the default
 //! path, an explicit `--weights` that must exist).
 
 mod common;
@@ -30,6 +30,7 @@ fn serve_logs_json_answers_and_exits_0_on_sigterm() {
         .env("RUST_LOG", "info")
         .arg("--weights")
         .arg(&weights)
+        .args(["--http-threads", "3"])
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -51,9 +52,16 @@ fn serve_logs_json_answers_and_exits_0_on_sigterm() {
             .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
         logs.push(entry.clone());
         if entry["fields"]["message"] == "listening" {
+            assert_eq!(entry["fields"]["http_threads"], 3, "{entry}");
             break entry["fields"]["address"].as_str().unwrap().to_owned();
         }
     };
+    #[cfg(target_os = "linux")]
+    assert_eq!(
+        threads_named(child.id(), "tokio-rt-worker"),
+        3,
+        "--http-threads sets the runtime's workers"
+    );
     let base = format!("http://{address}");
     let http = client();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -100,6 +108,18 @@ fn serve_logs_json_answers_and_exits_0_on_sigterm() {
         logs.iter().any(|l| l["span"]["request_id"] == "req-42"),
         "the request id is in the request's log lines"
     );
+}
+
+/// How many of process `pid`'s threads are called `name`.
+#[cfg(target_os = "linux")]
+fn threads_named(pid: u32, name: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter(|task| {
+            let comm = task.as_ref().unwrap().path().join("comm");
+            std::fs::read_to_string(comm).unwrap().trim_end() == name
+        })
+        .count()
 }
 
 /// With no `--weights` and no file at the default path, `serve` answers with the pretrained

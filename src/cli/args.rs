@@ -219,6 +219,12 @@ pub struct ServeArgs {
     #[arg(long, env = "RESNET_GRPC_PORT", default_value_t = DEFAULT_GRPC_PORT)]
     pub grpc_port: u16,
 
+    /// Threads that serve HTTP: connections, parsing, small image decodes and answers (0 = one
+    /// per four cores when the model runs on the CPU, whose engine threads take every core; one
+    /// per core when it may run on CUDA).
+    #[arg(long, env = "RESNET_HTTP_THREADS", default_value_t = 0)]
+    pub http_threads: usize,
+
     /// Most images in one forward pass.
     #[arg(
         long,

@@ -11,7 +11,7 @@ use crate::cli::logging::init_tracing;
 use crate::connections::ConnectionLimits;
 use crate::http::auth::{AccessConfig, AccessOptions};
 use crate::infer::ModelInfo;
-use crate::model::{check_device, LoadOptions, Model};
+use crate::model::{check_device, DeviceChoice, LoadOptions, Model};
 use crate::server::{self, ServerConfig};
 use crate::telemetry::{Telemetry, TelemetryOptions};
 
@@ -73,6 +73,7 @@ impl From<&ServeArgs> for TelemetryOptions {
 /// listener, then the server until a signal.
 pub fn run(args: &ServeArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(http_threads(args))
         .enable_all()
         .build()
         .context("starting the async runtime")?;
@@ -97,6 +98,34 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         telemetry.shutdown();
     }
     result
+}
+
+/// The async runtime's worker threads: `--http-threads`, or [`default_http_threads`].
+fn http_threads(args: &ServeArgs) -> usize {
+    if args.http_threads > 0 {
+        return args.http_threads;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let may_use_cuda = match args.model.device {
+        DeviceChoice::Cpu => false,
+        DeviceChoice::Cuda(_) => true,
+        DeviceChoice::Auto => cfg!(feature = "cuda"),
+    };
+    default_http_threads(cores, may_use_cuda)
+}
+
+/// Runtime workers for `cores` cores: one per core when the model may run on CUDA, where they
+/// do all of the CPU's work; one per four cores when it runs on the CPU. There the engine's
+/// threads keep every core busy under load, and a worker needs about a tenth of a core for each
+/// core of engine: 80-110 us of its CPU per 32x32 PNG against 0.73 ms of engine thread time per
+/// image. Two workers on two cores only added context switches: one served 4-8% more requests
+/// at 16 and 64 clients, at 25% less of its CPU per request.
+pub fn default_http_threads(cores: usize, may_use_cuda: bool) -> usize {
+    if may_use_cuda {
+        cores.max(1)
+    } else {
+        cores.div_ceil(4).max(1)
+    }
 }
 
 /// `serve` once logging is set up.
@@ -142,7 +171,12 @@ fn serve_with(args: &ServeArgs, runtime: &tokio::runtime::Runtime) -> Result<()>
         let listener = tokio::net::TcpListener::bind((args.host, args.port))
             .await
             .with_context(|| format!("binding {}:{}", args.host, args.port))?;
-        tracing::info!(target: LOG_TARGET, address = %listener.local_addr()?, "listening");
+        tracing::info!(
+            target: LOG_TARGET,
+            address = %listener.local_addr()?,
+            http_threads = runtime.metrics().num_workers(),
+            "listening"
+        );
         let grpc = if args.grpc_port == 0 {
             None
         } else {
@@ -174,4 +208,20 @@ fn serve_with(args: &ServeArgs, runtime: &tokio::runtime::Runtime) -> Result<()>
         .await?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_http_threads;
+
+    #[test]
+    fn http_threads_default_to_a_quarter_of_the_cores_on_cpu_and_every_core_on_cuda() {
+        let on_cpu: Vec<usize> = [0, 1, 2, 4, 5, 8, 16, 64]
+            .into_iter()
+            .map(|cores| default_http_threads(cores, false))
+            .collect();
+        assert_eq!(on_cpu, [1, 1, 1, 1, 2, 2, 4, 16]);
+        assert_eq!(default_http_threads(2, true), 2);
+        assert_eq!(default_http_threads(16, true), 16);
+    }
 }

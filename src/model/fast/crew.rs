@@ -15,19 +15,32 @@ use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use super::signal::Signal;
 
-/// Polls before a waiting thread (a helper between passes, the caller at the end of one) sleeps:
-/// a couple of microseconds. Staying awake longer, as OpenMP runtimes do between parallel
-/// regions (`KMP_BLOCKTIME`), was measured and rejected: at one client on 2 cores, 1 ms of
-/// polling after each pass left the p99 at 7.3 ms against 3.1 ms (medians of 3 runs) for no gain
-/// that held up, and on a server with a CPU quota it spends the quota while idle. Nor does waking
+/// Polls before a waiting thread (a helper between passes, the caller at the end of one) sleeps
+/// or, for a helper, yields (see [`AWAKE_AFTER_JOB`]): a microsecond or two. Polling longer, as
+/// OpenMP runtimes do between parallel regions (`KMP_BLOCKTIME`), was measured and rejected: at
+/// one client on 2 cores, 1 ms of polling after each pass left the p99 at 7.3 ms against 3.1 ms
+/// (medians of 3 runs) for no gain that held up, and on a server with a CPU quota it spends the
+/// quota while idle; it holds the core that the runtime needs to answer. Nor does waking
 /// the helpers when a request is queued for an idle engine, to poll until its pass is posted
 /// (measured with alternated servers under wrk, 2 threads): at 64 clients 0.94x the requests/s
 /// (faster in 2 of 10 rounds) and 1.07x the CPU per request, since a helper polling there takes a
 /// core from the runtime, and at one client 0.95x to 1.03x in two runs, within their noise.
 const POLLS_BEFORE_SLEEP: u32 = 64;
+
+/// How long a helper stays awake after a job, yielding its core to any thread that wants it,
+/// before it sleeps. A helper that slept between passes made the next pass about 0.2 ms slower
+/// on the 2-vCPU virtual machine measured (`examples/idle_gaps.rs`): one-image passes back to
+/// back took 0.63 ms (p50), with 0.1-0.3 ms pauses between them 0.75-0.91 ms, and 0.62-0.64 ms
+/// when the helper polled through the pauses. Yielding keeps the core from going idle without
+/// holding it: at one client (`/classify` under wrk, 2 engine threads, three alternated runs)
+/// 200 us gave 1.22-1.31x the requests/s of sleeping at once, p50 0.73 ms against 0.93 ms, at
+/// about the same CPU per request; 100 us gave 1.06-1.20x, 400 us about what 200 did. Only a
+/// helper waits this way: the caller's own wait at the end of a pass is a few microseconds.
+const AWAKE_AFTER_JOB: Duration = Duration::from_micros(200);
 
 /// Bits of [`State::posted`] that count the seats left (more than [`super::MAX_THREADS`]).
 const SEAT_BITS: u32 = 16;
@@ -65,12 +78,12 @@ struct State {
 }
 
 impl State {
-    /// A helper's wait for a generation after `seen`: a few polls, then asleep.
+    /// A helper's wait for a generation after `seen`: a few polls, awake a while, then asleep.
     fn next_job(&self, seen: u64) -> u64 {
         // SeqCst pairs with `post`'s store (see `Signal`).
         let posted = || self.posted.load(Ordering::SeqCst) >> SEAT_BITS;
         self.jobs
-            .wait_until(POLLS_BEFORE_SLEEP, || posted() != seen);
+            .wait_until_awake(POLLS_BEFORE_SLEEP, AWAKE_AFTER_JOB, || posted() != seen);
         posted()
     }
 

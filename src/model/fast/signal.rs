@@ -74,17 +74,26 @@ mod tests {
 
     use super::*;
 
+    type Shared = Arc<(Signal, AtomicBool)>;
+
+    /// A thread that waits (`polls`, then `awake`) until the flag is set; the receiver hears
+    /// when it returns.
+    fn waiter(shared: &Shared, polls: u32, awake: Duration) -> mpsc::Receiver<()> {
+        let (returned, waiter_returned) = mpsc::channel();
+        let shared = Arc::clone(shared);
+        std::thread::spawn(move || {
+            let (signal, flag) = &*shared;
+            signal.wait_until_awake(polls, awake, || flag.load(Ordering::SeqCst));
+            let _ = returned.send(());
+        });
+        waiter_returned
+    }
+
     #[test]
     fn a_sleeping_waiter_is_woken_by_the_write_that_makes_its_condition_true() {
         for polls in [0, 1_000] {
             let shared = Arc::new((Signal::default(), AtomicBool::new(false)));
-            let (returned, waiter_returned) = mpsc::channel();
-            let waiter = Arc::clone(&shared);
-            std::thread::spawn(move || {
-                let (signal, flag) = &*waiter;
-                signal.wait_until(polls, || flag.load(Ordering::SeqCst));
-                let _ = returned.send(());
-            });
+            let waiter_returned = waiter(&shared, polls, Duration::ZERO);
             // Long enough for the waiter to be asleep.
             std::thread::sleep(Duration::from_millis(20));
             assert!(
@@ -104,13 +113,7 @@ mod tests {
     #[test]
     fn a_waiter_staying_awake_sees_the_write_without_a_notify_then_sleeps() {
         let shared = Arc::new((Signal::default(), AtomicBool::new(false)));
-        let (returned, waiter_returned) = mpsc::channel();
-        let waiter = Arc::clone(&shared);
-        std::thread::spawn(move || {
-            let (signal, flag) = &*waiter;
-            signal.wait_until_awake(0, Duration::from_secs(30), || flag.load(Ordering::SeqCst));
-            let _ = returned.send(());
-        });
+        let waiter_returned = waiter(&shared, 0, Duration::from_secs(30));
         std::thread::sleep(Duration::from_millis(20));
         assert!(
             waiter_returned.try_recv().is_err(),
@@ -129,13 +132,7 @@ mod tests {
 
         // Awake for 1 ms, then asleep: only a notify wakes it.
         flag.store(false, Ordering::SeqCst);
-        let (returned, waiter_returned) = mpsc::channel();
-        let waiter = Arc::clone(&shared);
-        std::thread::spawn(move || {
-            let (signal, flag) = &*waiter;
-            signal.wait_until_awake(0, Duration::from_millis(1), || flag.load(Ordering::SeqCst));
-            let _ = returned.send(());
-        });
+        let waiter_returned = waiter(&shared, 0, Duration::from_millis(1));
         let asleep_by = Instant::now() + Duration::from_secs(10);
         while signal.sleepers.load(Ordering::SeqCst) == 0 {
             assert!(Instant::now() < asleep_by, "never went to sleep");

@@ -3,7 +3,8 @@
 //! waits for the next request at one client, or a busy wait that keeps its core running). One
 //! JSON line per pause with the pass times' mean, p50 and p90.
 //!
-//!   cargo run --release --example idle_gaps -- [--weights FILE] [--threads 2] [--pauses-us 0,100,300]
+//!   cargo run --release --example idle_gaps -- [--weights FILE] [--threads 2] \
+//!       [--pauses-us 0,100,300] [--busy]
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -46,7 +47,8 @@ fn main() -> anyhow::Result<()> {
         let pause = Duration::from_micros(pause_us);
         let mut passes_ms = Vec::new();
         let end = Instant::now() + Duration::from_secs_f64(args.seconds);
-        while Instant::now() < end {
+        // At least one pass, however short `--seconds`.
+        loop {
             if args.busy {
                 let started = Instant::now();
                 while started.elapsed() < pause {
@@ -58,6 +60,9 @@ fn main() -> anyhow::Result<()> {
             let started = Instant::now();
             std::hint::black_box(model.logits(&image, 1)?);
             passes_ms.push(started.elapsed().as_secs_f64() * 1e3);
+            if Instant::now() >= end {
+                break;
+            }
         }
         passes_ms.sort_by(f64::total_cmp);
         let at = |q: f64| passes_ms[((passes_ms.len() - 1) as f64 * q) as usize];

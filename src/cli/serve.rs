@@ -120,7 +120,7 @@ fn http_threads(args: &ServeArgs) -> usize {
 /// core of engine: 80-110 us of its CPU per 32x32 PNG against 0.73 ms of engine thread time per
 /// image. Two workers on two cores only added context switches: one served 4-8% more requests
 /// at 16 and 64 clients, at 25% less of its CPU per request.
-pub fn default_http_threads(cores: usize, may_use_cuda: bool) -> usize {
+fn default_http_threads(cores: usize, may_use_cuda: bool) -> usize {
     if may_use_cuda {
         cores.max(1)
     } else {

@@ -1,8 +1,9 @@
 //! The fast engine's helper threads: started once with the engine and handed the same job on
-//! every forward pass; between passes they sleep. A helper that has not started a pass's job by
-//! the time the caller has finished its own call skips it: the engine's work is claimed, not
-//! assigned, so the caller will have done that helper's share, and waiting for a helper that is
-//! slow to wake (or preempted) would only add its delay to the pass.
+//! every forward pass; between passes they stay awake a little while, yielding their core, then
+//! sleep. A helper that has not started a pass's job by the time the caller has finished its own
+//! call skips it: the engine's work is claimed, not assigned, so the caller will have done that
+//! helper's share, and waiting for a helper that is slow to wake (or preempted) would only add
+//! its delay to the pass.
 //!
 //! Why not rayon's pool, which did this before: a pass through it allocates a scope and a
 //! broadcast job per thread, and its idle workers go through a few dozen `sched_yield`s before

@@ -11,7 +11,7 @@ use crate::cli::logging::init_tracing;
 use crate::connections::ConnectionLimits;
 use crate::http::auth::{AccessConfig, AccessOptions};
 use crate::infer::ModelInfo;
-use crate::model::{check_device, DeviceChoice, LoadOptions, Model};
+use crate::model::{check_device, may_use_cuda, LoadOptions, Model};
 use crate::server::{self, ServerConfig};
 use crate::telemetry::{Telemetry, TelemetryOptions};
 
@@ -106,12 +106,7 @@ fn http_threads(args: &ServeArgs) -> usize {
         return args.http_threads;
     }
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    let may_use_cuda = match args.model.device {
-        DeviceChoice::Cpu => false,
-        DeviceChoice::Cuda(_) => true,
-        DeviceChoice::Auto => cfg!(feature = "cuda"),
-    };
-    default_http_threads(cores, may_use_cuda)
+    default_http_threads(cores, may_use_cuda(args.model.device))
 }
 
 /// Runtime workers for `cores` cores: one per core when the model may run on CUDA, where they

@@ -26,6 +26,16 @@ pub fn select_device(choice: DeviceChoice) -> Result<Device, ModelError> {
     }
 }
 
+/// Whether `choice` may resolve to a GPU: `cuda:N`, or `auto` in a build with CUDA, as
+/// [`select_device`] decides before it opens anything.
+pub fn may_use_cuda(choice: DeviceChoice) -> bool {
+    match choice {
+        DeviceChoice::Cpu => false,
+        DeviceChoice::Cuda(_) => true,
+        DeviceChoice::Auto => candle_core::utils::cuda_is_available(),
+    }
+}
+
 /// Fails, as [`select_device`] would, when `choice` names a CUDA device this build or machine
 /// cannot open; cheap (no CUDA context is made), so a server can check before anything slower.
 pub fn check_device(choice: DeviceChoice) -> Result<(), ModelError> {

@@ -21,7 +21,7 @@ pub mod weights;
 use candle_core::Device;
 
 use self::candle::{BatchNormMode, CandleEngine};
-pub use device::{check_device, device_name, select_device};
+pub use device::{check_device, device_name, may_use_cuda, select_device};
 pub use engine::{Engine, EngineError, FedBatch, Feed};
 pub use options::{DeviceChoice, EngineChoice, LoadOptions, SimdChoice};
 pub use spec::{ModelSpec, Shortcut, IMAGE_FLOATS, INPUT_CHANNELS, INPUT_SIZE};

@@ -1,6 +1,6 @@
 //! The `resnet-serve` binary as deployed: `serve` on an ephemeral port with JSON logs and the
-//! runtime workers asked for, graceful exit 0 on SIGTERM, and which weights it serves (embedded by default, a file at the default
-//! path, an explicit `--weights` that must exist).
+//! runtime workers asked for, graceful exit 0 on SIGTERM, and which weights it serves (embedded
+//! by default, a file at the default path, an explicit `--weights` that must exist).
 
 mod common;
 mod http_util;

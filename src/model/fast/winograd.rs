@@ -163,8 +163,6 @@ pub struct WinogradLayer {
     input: InputTransform,
     output: OutputTransform,
     gemm: Kernel<kernels::Gemm>,
-    /// Tiles to gather (over tile rows and images) before multiplying.
-    group_tiles: usize,
 }
 
 /// Whether `tiling` supports this convolution on a `h x w` image.
@@ -223,10 +221,6 @@ impl WinogradLayer {
         }
         let mut bias = AlignedBuf::zeros(cout);
         bias.as_mut_slice().copy_from_slice(&conv.bias);
-        // Wider layers have larger transformed filters (positions x cin x cout): gather more
-        // tiles per multiplication so that each filter matrix is read from memory once for all
-        // of them.
-        let group_tiles = (8 * cin / 16).clamp(w / tile, MAX_GROUP_TILES);
         Self {
             cin,
             cout,
@@ -238,7 +232,6 @@ impl WinogradLayer {
             output: output_transform_for(level, tiling, cout),
             gemm,
             block,
-            group_tiles,
         }
     }
 
@@ -247,9 +240,18 @@ impl WinogradLayer {
         self.tiling.tile()
     }
 
-    /// Tiles to gather before each [`Self::multiply`] (a whole number of tile rows).
+    /// Most tiles to gather (whole tile rows, over rows and images) before each
+    /// [`Self::multiply`]; [`supports`] admits only tile rows that fit.
+    ///
+    /// A multiplication reads the filters of every position once for the whole group, and the
+    /// more tiles share that, the nearer it runs to the multiply-add peak. 32 for every width:
+    /// for the 16-channel layers, whose filters stay in registers, 8 tiles (one tile row) left
+    /// their products at about two thirds of the peak; 32 gave 1.02x the images/s at batch 64
+    /// and 1.01x at batch 1 (AVX-512, `bench`, 2 threads, six alternated rounds; AVX2 on the
+    /// same machine unchanged), although a group's transformed tiles (74 KB) then outgrow the
+    /// first-level cache.
     pub fn group_tiles(&self) -> usize {
-        self.group_tiles
+        MAX_GROUP_TILES
     }
 
     /// Bytes of the transformed filters, which every multiplication of a group reads.
@@ -395,7 +397,7 @@ impl WinogradLayer {
         let first = dst.rows(&rows).start;
         let tile = self.tile();
         let tiles_x = dst.w / tile;
-        let rows_per_group = (self.group_tiles / tiles_x).max(1);
+        let rows_per_group = (self.group_tiles() / tiles_x).max(1);
         let mut ty = 0;
         while ty < dst.h / tile {
             let tiles = ty..(ty + rows_per_group).min(dst.h / tile);

@@ -512,6 +512,33 @@ fn input_1d<const A: usize, const L: usize, const FMA: bool>(
     }
 }
 
+/// Rows `3 half..3 half + 3` of [`input_1d`]'s `B^T d` for F(4x4, 3x3) (`d`: six vectors):
+/// the first half reads `d[0..5]`, the second `d[1..6]`.
+#[inline(always)]
+fn input_1d_half<const L: usize, const FMA: bool>(
+    d: &[&[f32; L]],
+    half: usize,
+    t: &mut [[f32; L]; 3],
+) {
+    debug_assert!(d.len() == 6 && half < 2);
+    if half == 0 {
+        for c in 0..L {
+            let [d0, d1, d2, d3, d4] = [d[0][c], d[1][c], d[2][c], d[3][c], d[4][c]];
+            t[0][c] = madd::<FMA>(4.0, d0, madd::<FMA>(-5.0, d2, d4));
+            t[1][c] = madd::<FMA>(-4.0, d1 + d2, d3 + d4);
+            t[2][c] = madd::<FMA>(4.0, d1 - d2, d4 - d3);
+        }
+    } else {
+        for c in 0..L {
+            let [d1, d2, d3, d4, d5] = [d[1][c], d[2][c], d[3][c], d[4][c], d[5][c]];
+            let (e, f) = (d3 - d1, d4 - d2);
+            t[0][c] = madd::<FMA>(2.0, e, f);
+            t[1][c] = madd::<FMA>(-2.0, e, f);
+            t[2][c] = madd::<FMA>(4.0, d1, madd::<FMA>(-5.0, d3, d5));
+        }
+    }
+}
+
 /// `A^T m` on `A` vectors of `L` channels, to `M`: six to four for F(4x4, 3x3), four to two for
 /// F(2x2, 3x3).
 #[inline(always)]
@@ -603,32 +630,57 @@ fn input_transform<
             && M * (tiles_x - 1) + A <= a.src.w + 2,
         "input extent"
     );
-    let mut cols = [[[0.0f32; L]; A]; A];
+    let r = a.src.row_len();
     let mut row = [[0.0f32; L]; A];
     for (t_row, ty) in a.tiles.clone().enumerate() {
         for tx in 0..tiles_x {
             let t = offset + t_row * tiles_x + tx;
             // The tile's input starts one pixel above and left of its output: bordered (M ty,
             // M tx).
-            let base = M * ty * a.src.row_len() + M * tx * C;
+            let base = M * ty * r + M * tx * C;
             for c in (0..C).step_by(L) {
-                for (j, col) in cols.iter_mut().enumerate() {
+                // Column j of the tile's input, channels c..c + L.
+                let column = |j: usize| -> [&[f32; L]; A] {
                     let at = base + j * C + c;
-                    let r = a.src.row_len();
                     // SAFETY: rows M ty..M ty + A and columns M tx..M tx + A of the bordered
                     // input are within the extent asserted above.
-                    let d = std::array::from_fn(|k| unsafe { lanes::<L>(a.input, at + k * r) });
-                    input_1d::<A, L, FMA>(d, col);
-                }
-                // Row i gathers element i of the transformed columns.
-                #[allow(clippy::needless_range_loop)]
-                for i in 0..A {
-                    let t_i = std::array::from_fn(|j| &cols[j][i]);
+                    std::array::from_fn(|k| unsafe { lanes::<L>(a.input, at + k * r) })
+                };
+                // Row i of the transformed columns, transformed and stored as positions
+                // (i, 0..A) of tile t.
+                let mut transform_row = |i: usize, t_i: [&[f32; L]; A]| {
                     input_1d::<A, L, FMA>(t_i, &mut row);
-                    for (j, r) in row.iter().enumerate() {
+                    for (j, values) in row.iter().enumerate() {
                         let at = (i * A + j) * stride + t * C + c;
                         // SAFETY: position < A x A, tile t < n, channel c + L <= C: inside V.
-                        unsafe { store::<L>(v, at, r) };
+                        unsafe { store::<L>(v, at, values) };
+                    }
+                };
+                if A == 6 {
+                    // F(4x4, 3x3): 36 transformed column values, more than the registers hold
+                    // beside what the row transforms need, went to the stack and back (20 stack
+                    // loads and stores in the AVX-512 transform's code, 64-70 in AVX2's). The
+                    // columns now go in two halves of three rows, each reading the input rows it
+                    // needs: none with AVX-512, 27-31 with AVX2; `bench` at batch 64 1.02x with
+                    // either, batch 1 1.01x (alternated pairs).
+                    for half in 0..2 {
+                        let mut cols = [[[0.0f32; L]; 3]; A];
+                        for (j, col) in cols.iter_mut().enumerate() {
+                            input_1d_half::<L, FMA>(&column(j), half, col);
+                        }
+                        for (k, i) in (3 * half..3 * half + 3).enumerate() {
+                            transform_row(i, std::array::from_fn(|j| &cols[j][k]));
+                        }
+                    }
+                } else {
+                    let mut cols = [[[0.0f32; L]; A]; A];
+                    for (j, col) in cols.iter_mut().enumerate() {
+                        input_1d::<A, L, FMA>(column(j), col);
+                    }
+                    // Row i gathers element i of the transformed columns.
+                    #[allow(clippy::needless_range_loop)]
+                    for i in 0..A {
+                        transform_row(i, std::array::from_fn(|j| &cols[j][i]));
                     }
                 }
             }

@@ -491,15 +491,8 @@ fn input_1d<const A: usize, const L: usize, const FMA: bool>(
     // `A` is a constant of each instantiation, so one branch remains, with constant indices.
     let (d, t) = (&d[..], &mut t[..]);
     if A == 6 {
-        for c in 0..L {
-            let [d0, d1, d2, d3, d4, d5] = [d[0][c], d[1][c], d[2][c], d[3][c], d[4][c], d[5][c]];
-            t[0][c] = madd::<FMA>(4.0, d0, madd::<FMA>(-5.0, d2, d4));
-            t[1][c] = madd::<FMA>(-4.0, d1 + d2, d3 + d4);
-            t[2][c] = madd::<FMA>(4.0, d1 - d2, d4 - d3);
-            let (e, f) = (d3 - d1, d4 - d2);
-            t[3][c] = madd::<FMA>(2.0, e, f);
-            t[4][c] = madd::<FMA>(-2.0, e, f);
-            t[5][c] = madd::<FMA>(4.0, d1, madd::<FMA>(-5.0, d3, d5));
+        for (half, rows) in t.as_chunks_mut::<3>().0.iter_mut().enumerate() {
+            input_1d_half::<L, FMA>(d, half, rows);
         }
     } else {
         for c in 0..L {
@@ -512,8 +505,8 @@ fn input_1d<const A: usize, const L: usize, const FMA: bool>(
     }
 }
 
-/// Rows `3 half..3 half + 3` of [`input_1d`]'s `B^T d` for F(4x4, 3x3) (`d`: six vectors):
-/// the first half reads `d[0..5]`, the second `d[1..6]`.
+/// Rows `3 half..3 half + 3` of `B^T d` for F(4x4, 3x3) (`d`: six vectors): the first half
+/// reads `d[0..5]`, the second `d[1..6]`.
 #[inline(always)]
 fn input_1d_half<const L: usize, const FMA: bool>(
     d: &[&[f32; L]],

@@ -593,8 +593,9 @@ unsafe fn store<const L: usize>(s: &mut [f32], at: usize, values: &[f32; L]) {
 }
 
 /// `V = B^T d B` for every tile of the tile rows `a.tiles`, `L` channels at a time (one
-/// register's worth, so that a tile's `A x A` vectors stay in registers and the first cache
-/// level). `M` is the output tile's side, `A = M + 2` the input tile's.
+/// register's worth, so that with AVX-512 a tile's transformed values stay in registers: all
+/// `A x A` of them for F(2x2, 3x3), half at a time for F(4x4, 3x3)). `M` is the output tile's
+/// side, `A = M + 2` the input tile's.
 #[inline(always)]
 fn input_transform<
     const M: usize,

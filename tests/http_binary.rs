@@ -460,7 +460,16 @@ fn huge_bodies_are_refused_unread_and_bombs_keep_peak_memory_under_256_mib() {
 #[test]
 fn sigterm_under_load_answers_every_accepted_request_and_exits_0() {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let Some(mut server) = RunningServer::start(&["--shutdown-timeout-ms", "20000"]) else {
+    // A batch waits up to 50 ms to fill, so that requests spend most of their time read and
+    // queued: the signal then finds some in flight. Without the wait, 16 clients' requests are
+    // answered a batch at a time within a few ms, and a signal sent between two batches found
+    // every client still connecting (one CI run: 16 refused, none in flight).
+    let Some(mut server) = RunningServer::start(&[
+        "--shutdown-timeout-ms",
+        "20000",
+        "--max-batch-delay-ms",
+        "50",
+    ]) else {
         return;
     };
     let png = solid_png([30, 120, 240]);

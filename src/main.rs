@@ -10,9 +10,9 @@ use resnet_serve::cli::args::{Cli, Command, LogFormat};
 /// mimalloc instead of the system allocator: a request's body, pixels and response are allocated
 /// and freed on the runtime worker and its batch on the model thread, which mimalloc does with less
 /// work than glibc's malloc; and it backs its memory with transparent huge pages where the kernel
-/// allows them (also in `madvise` mode), which makes the engine's passes faster (likely fewer TLB
-/// misses on its weights and activations) at the cost of a larger resident set. The README has the
-/// figures; `MIMALLOC_ALLOW_THP=0` turns the huge pages off.
+/// allows them (also in `madvise` mode), which makes the engine's batch-1 passes faster (likely
+/// fewer TLB misses on its weights and activations) at the cost of a larger resident set. The
+/// README has the figures; `MIMALLOC_ALLOW_THP=0` turns the huge pages off.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
